@@ -1,0 +1,136 @@
+"""Settings: the one source of truth for configuration.
+
+Every field is a CLI flag of ``chatserver serve`` and a ``CHATSERVER_<NAME>``
+environment variable (flag > env > default). Defaults work on a laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODELS_DIR = Path(os.environ.get("CHATSERVER_MODELS_DIR", REPO_ROOT / "models"))
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+ENGINES = ("auto", "gpu", "pool", "thread", "inline")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _env_name(name: str) -> str:
+    return "CHATSERVER_" + name.upper()
+
+
+@dataclass
+class Settings:
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
+    port: int = field(default=8080, metadata={"help": "TCP port (0 picks a free one)"})
+    model: str = field(
+        default="default",
+        metadata={"help": "'default', a local Hugging Face model directory, or a hub id"},
+    )
+    models_dir: str = field(
+        default=str(DEFAULT_MODELS_DIR), metadata={"help": "where converted models live"}
+    )
+    engine: str = field(
+        default="auto",
+        metadata={
+            "help": "where inference runs: auto (gpu worker on CUDA, else the measured best "
+            "CPU setup), gpu (one batching worker process per device), pool (CPU worker "
+            "processes), thread / inline (demonstrations only)",
+            "choices": ENGINES,
+        },
+    )
+    workers: int = field(
+        default=0, metadata={"help": "worker processes for --engine pool (0: fit the cores)"}
+    )
+    device: str = field(
+        default="auto", metadata={"help": "torch device for workers: auto, cpu, cuda, cuda:N"}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "weight dtype: auto (bfloat16 on CUDA; measured default on CPU), "
+            "float32, bfloat16, float16",
+            "choices": DTYPES,
+        },
+    )
+    max_batch: int = field(
+        default=64, metadata={"help": "most sequences one worker decodes together (1: no batching)"}
+    )
+    max_context: int = field(
+        default=4096, metadata={"help": "context length cap in tokens (model's own if smaller)"}
+    )
+    prefill_chunk: int = field(
+        default=256,
+        metadata={"help": "most prompt tokens prefilled in one step, so running streams never stall"},
+    )
+    threads_per_worker: int = field(
+        default=0, metadata={"help": "torch threads in each worker (0: cores / workers)"}
+    )
+    redis_url: str = field(
+        default="", metadata={"help": "redis:// URL for sessions; empty: in-process store"}
+    )
+    session_ttl: int = field(
+        default=86400, metadata={"help": "seconds a session lives after its last use"}
+    )
+    system_prompt: str = field(
+        default="You are a helpful assistant.",
+        metadata={"help": "system prompt put first in every session's prompt"},
+    )
+    default_max_tokens: int = field(
+        default=256, metadata={"help": "max_tokens when a request gives none"}
+    )
+    max_body_bytes: int = field(
+        default=1 << 20, metadata={"help": "largest HTTP request body accepted"}
+    )
+    max_frame_bytes: int = field(
+        default=64 << 10, metadata={"help": "largest WebSocket text frame accepted"}
+    )
+    ws_rate: float = field(
+        default=20.0, metadata={"help": "messages per second accepted on one WebSocket"}
+    )
+    ws_queue: int = field(
+        default=16, metadata={"help": "chat messages queued on one WebSocket before refusing"}
+    )
+    ws_heartbeat: float = field(
+        default=30.0, metadata={"help": "seconds between WebSocket keepalive pings"}
+    )
+    tokenizer_threads: int = field(
+        default=4, metadata={"help": "threads for tokenizing, templating and detokenizing"}
+    )
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning, error"})
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one --flag per field; the env var is the default, so flags win."""
+        for f in dataclasses.fields(cls):
+            env = _env_name(f.name)
+            flag = "--" + f.name.replace("_", "-")
+            typ = f.type if isinstance(f.type, type) else eval(f.type)  # noqa: S307
+            raw = os.environ.get(env)
+            default = f.default if raw is None else typ(raw)
+            kwargs: dict = {
+                "type": typ,
+                "default": default,
+                "dest": f.name,
+                "help": f"{f.metadata.get('help', '')} [env {env}, default {f.default!r}]",
+            }
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+            parser.add_argument(flag, **kwargs)
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> Settings:
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Settings from CHATSERVER_* variables, then keyword overrides (used by tests)."""
+        parser = argparse.ArgumentParser()
+        cls.add_arguments(parser)
+        settings = cls.from_namespace(parser.parse_args([]))
+        return dataclasses.replace(settings, **overrides)

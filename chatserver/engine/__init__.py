@@ -1,0 +1,1 @@
+"""The async front of inference: prompts, dispatch to workers, token streams."""

@@ -1,0 +1,1 @@
+"""Model loading (GGUF, local directory, hub id), prompts and sampling."""

@@ -1,0 +1,81 @@
+"""Resolve `--model` and load tokenizer and weights, the same way for every engine.
+
+`--model` is `default` (the converted SmolLM2 under models/), a local Hugging
+Face model directory, or a hub id (needs a reachable hub; otherwise a clear
+error says so instead of a stack of HTTP retries).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ModelNotFound(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    model_id: str  # the name clients see (OpenAI "model")
+    path: str  # directory or hub id handed to from_pretrained
+    local: bool
+
+
+def resolve_model(spec: str, models_dir: str | Path, default_name: str) -> ModelSource:
+    models_dir = Path(models_dir)
+    if spec in ("", "default"):
+        path = models_dir / default_name
+        if not (path / "config.json").exists():
+            raise ModelNotFound(
+                f"default model not found at {path}: run `chatserver models fetch` (make install does)"
+            )
+        return ModelSource(default_name, str(path), True)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFound(f"{path} is not a Hugging Face model directory (no config.json)")
+        return ModelSource(path.resolve().name, str(path.resolve()), True)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelNotFound(f"model directory {spec} does not exist")
+    return ModelSource(spec, spec, False)
+
+
+def _hub_error(source: ModelSource, exc: Exception) -> ModelNotFound:
+    return ModelNotFound(
+        f"could not load '{source.path}' from the Hugging Face hub ({type(exc).__name__}): "
+        "the hub may be unreachable from this machine; pass a local model directory instead"
+    )
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.path)
+    except OSError as exc:
+        if source.local:
+            raise
+        raise _hub_error(source, exc) from exc
+
+
+def load_model(source: ModelSource, dtype: Any, device: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+    except OSError as exc:
+        if source.local:
+            raise
+        raise _hub_error(source, exc) from exc
+    model.eval()
+    model.requires_grad_(False)
+    return model.to(torch.device(device))
+
+
+def offline_unless_configured() -> None:
+    """Fail fast instead of retrying a hub that cannot be reached, unless the user set it."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -1,0 +1,1 @@
+"""The inference side: schedulers, model runners and the hosts they run in."""

@@ -1,0 +1,131 @@
+"""Thread and inline hosts for a WorkerCore: demonstrations of what not to do.
+
+`--engine thread` runs the decoding loop in a thread of the server process:
+torch releases the GIL inside big kernels, but the per-op Python between them
+fights the event loop for the GIL. `--engine inline` runs it on the event loop
+itself, so every decoding step blocks every client. `load_tests/strategies.py`
+measures both against the process engines; neither is for production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+from chatserver.protocol.worker import (
+    CancelRequest,
+    GenerateRequest,
+    ServerToWorker,
+    Shutdown,
+    WorkerConfig,
+    WorkerFailed,
+    WorkerToServer,
+)
+from chatserver.workers.core import WorkerCore, build_core
+
+log = logging.getLogger(__name__)
+
+
+def _apply(core: WorkerCore, msg: ServerToWorker) -> bool:
+    if isinstance(msg, GenerateRequest):
+        core.submit(msg)
+    elif isinstance(msg, CancelRequest):
+        core.cancel(msg)
+    return not isinstance(msg, Shutdown)
+
+
+class ThreadWorker:
+    def __init__(self, worker_id: int, config: WorkerConfig) -> None:
+        self.worker_id = worker_id
+        self.config = config
+        self._inbox: queue.SimpleQueue[ServerToWorker] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_message: Callable[[WorkerToServer], None],
+        on_exit: Callable[[int], None],
+    ) -> None:
+        def run() -> None:
+            try:
+                core, ready = build_core(self.worker_id, self.config)
+            except Exception as exc:
+                log.exception("thread worker failed to load")
+                loop.call_soon_threadsafe(on_message, WorkerFailed(self.worker_id, str(exc)))
+                return
+            loop.call_soon_threadsafe(on_message, ready)
+            while True:
+                if not core.has_work and not _apply(core, self._inbox.get()):
+                    return
+                while not self._inbox.empty():
+                    if not _apply(core, self._inbox.get()):
+                        return
+                out = core.step()
+                if out.tokens or out.finished:
+                    loop.call_soon_threadsafe(on_message, out)
+
+        self._thread = threading.Thread(target=run, name="thread-worker", daemon=True)
+        self._thread.start()
+
+    def send(self, msg: ServerToWorker) -> None:
+        self._inbox.put(msg)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        self.send(Shutdown())
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, grace)
+
+
+class InlineWorker:
+    """Decodes on the event loop: one blocking step, then yield, while work remains."""
+
+    def __init__(self, worker_id: int, config: WorkerConfig) -> None:
+        self.worker_id = worker_id
+        self.config = config
+        self._core: WorkerCore | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_message: Callable[[WorkerToServer], None],
+        on_exit: Callable[[int], None],
+    ) -> None:
+        self._core, ready = build_core(self.worker_id, self.config)  # blocks the loop, by design
+        on_message(ready)
+
+        async def run() -> None:
+            core = self._core
+            assert core is not None
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while core.has_work:
+                    out = core.step()  # blocking, on the loop
+                    if out.tokens or out.finished:
+                        on_message(out)
+                    await asyncio.sleep(0)
+
+        self._task = loop.create_task(run())
+
+    def send(self, msg: ServerToWorker) -> None:
+        if self._core is not None:
+            _apply(self._core, msg)
+            self._wake.set()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        if self._task is not None:
+            self._task.cancel()

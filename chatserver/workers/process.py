@@ -1,0 +1,140 @@
+"""ProcessWorker: a WorkerCore in its own process, started with torch.multiprocessing (spawn).
+
+The process owns its model (and its device, for the GPU worker). When idle it
+blocks in `recv()` on its pipe, so an idle server burns no CPU; while it has
+work it drains the pipe between steps and sends one `StepOutput` per step.
+
+On the server side a sender thread and a reader thread own the pipe ends, so
+the event loop never blocks on a full pipe; the reader hands messages to the
+loop with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+import torch.multiprocessing as mp
+
+from chatserver.protocol.worker import (
+    CancelRequest,
+    GenerateRequest,
+    ServerToWorker,
+    Shutdown,
+    WorkerConfig,
+    WorkerFailed,
+    WorkerToServer,
+)
+
+log = logging.getLogger(__name__)
+
+
+def worker_main(worker_id: int, config: WorkerConfig, conn: Connection, log_level: int) -> None:
+    """Entry point of the worker process."""
+    logging.basicConfig(level=log_level, format=f"%(asctime)s worker-{worker_id} %(levelname)s %(message)s")
+    if config.nice:
+        os.nice(config.nice)
+    from chatserver.workers.core import build_core
+
+    try:
+        core, ready = build_core(worker_id, config)
+    except Exception as exc:  # tell the server why, instead of dying silently
+        log.exception("worker %d failed to load", worker_id)
+        conn.send(WorkerFailed(worker_id, f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(ready)
+
+    def handle(msg: ServerToWorker) -> bool:
+        if isinstance(msg, GenerateRequest):
+            core.submit(msg)
+        elif isinstance(msg, CancelRequest):
+            core.cancel(msg)
+        elif isinstance(msg, Shutdown):
+            return False
+        return True
+
+    try:
+        while True:
+            if not core.has_work and not handle(conn.recv()):
+                return
+            while conn.poll():
+                if not handle(conn.recv()):
+                    return
+            out = core.step()
+            if out.tokens or out.finished:
+                conn.send(out)
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        return  # the server went away
+
+
+class ProcessWorker:
+    def __init__(self, worker_id: int, config: WorkerConfig) -> None:
+        self.worker_id = worker_id
+        self.config = config
+        self._outbox: queue.SimpleQueue[ServerToWorker | None] = queue.SimpleQueue()
+        self._process: mp.Process | None = None
+        self._conn: Connection | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    def start(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_message: Callable[[WorkerToServer], None],
+        on_exit: Callable[[int], None],
+    ) -> None:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self._conn = parent
+        self._process = ctx.Process(
+            target=worker_main,
+            args=(self.worker_id, self.config, child, logging.getLogger().level),
+            name=f"chatserver-worker-{self.worker_id}",
+            daemon=True,
+        )
+        self._process.start()
+        child.close()
+
+        def read() -> None:
+            try:
+                while True:
+                    msg = parent.recv()
+                    loop.call_soon_threadsafe(on_message, msg)
+            except (EOFError, OSError):
+                pass
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(on_exit, self.worker_id)
+
+        def write() -> None:
+            while (msg := self._outbox.get()) is not None:
+                try:
+                    parent.send(msg)
+                except (OSError, ValueError):
+                    return
+
+        threading.Thread(target=read, name=f"worker-{self.worker_id}-reader", daemon=True).start()
+        threading.Thread(target=write, name=f"worker-{self.worker_id}-writer", daemon=True).start()
+
+    def send(self, msg: ServerToWorker) -> None:
+        self._outbox.put(msg)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        self.send(Shutdown())
+        self._outbox.put(None)
+        process = self._process
+        if process is None:
+            return
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, process.join, grace)
+        if process.is_alive():
+            process.kill()
+            await loop.run_in_executor(None, process.join, 5)
+        if self._conn is not None:
+            self._conn.close()

@@ -1,0 +1,135 @@
+"""LlamaRunner and WorkerCore on the real default model.
+
+fp32 on CPU is the reference: our forward must match transformers' own, and a
+sequence's greedy output must not depend on what else shares its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from chatserver.models.prompt import render
+from chatserver.protocol.worker import CancelRequest, GenerateRequest, SamplingParams, WorkerConfig
+from chatserver.workers.core import build_core
+from chatserver.workers.runner import LlamaRunner, StepItem
+
+QUALITY_TEXT = Path(__file__).parent / "data" / "quality_text.txt"
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three primary colors.",
+    "Explain in one sentence what a CPU does, and why computers need one at all.",
+    "Say hello.",
+    "What is 2 + 2?",
+    "Give me a tip for learning to cook, please, as a complete beginner who has never used a stove.",
+    "Name a planet.",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir: Path):
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_model(model_dir: Path):
+    torch.set_num_threads(2)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    return render(tokenizer, [{"role": "user", "content": text}])
+
+
+def run_core(core, prompts: list[list[int]], max_tokens: int, first_id: int = 0) -> dict[int, list[int]]:
+    outputs: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompts):
+        params = SamplingParams(max_tokens=max_tokens, stop_token_ids=(2,))
+        core.submit(GenerateRequest(first_id + i, ids, params))
+    while core.has_work:
+        for seq_id, token in core.step().tokens:
+            outputs.setdefault(seq_id, []).append(token)
+    return outputs
+
+
+def test_forward_matches_transformers(hf_model, tokenizer):
+    ids = chat_ids(tokenizer, PROMPTS[0])
+    runner = LlamaRunner(hf_model, 512)
+    ours = runner.forward([StepItem(0, 0, ids, 0, True)], 1)[0]
+    with torch.inference_mode():
+        theirs = hf_model(torch.tensor([ids])).logits[0, -1]
+    assert torch.allclose(ours, theirs, atol=1e-3, rtol=1e-3)
+
+
+def test_greedy_generation_matches_transformers_generate(hf_model, tokenizer, model_dir):
+    core, _ = build_core(0, WorkerConfig(str(model_dir), "m", "cpu", "float32", 512, 8, 256, 2))
+    ids = chat_ids(tokenizer, PROMPTS[1])
+    ours = run_core(core, [ids], 24)[0]
+    with torch.inference_mode():
+        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+    assert ours == out[0, len(ids) :].tolist()
+
+
+def test_chunked_prefill_equals_one_shot(hf_model, tokenizer):
+    ids = chat_ids(tokenizer, PROMPTS[6])
+    runner = LlamaRunner(hf_model, 512)
+    whole = runner.forward([StepItem(0, 0, ids, 0, True)], 1)[0]
+    runner.forward([StepItem(0, 0, ids[:10], 0, False)], 1)
+    runner.forward([StepItem(0, 0, ids[10:25], 10, False)], 1)
+    chunked = runner.forward([StepItem(0, 0, ids[25:], 25, True)], 1)[0]
+    assert torch.allclose(whole, chunked, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_output_is_batch_invariant_fp32(tokenizer, model_dir):
+    """A sequence decodes the same alone or among 15 others of other lengths."""
+    core, _ = build_core(0, WorkerConfig(str(model_dir), "m", "cpu", "float32", 1024, 16, 512, 2))
+    prompts = [chat_ids(tokenizer, PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS))) for i in range(16)]
+    assert len({len(p) for p in prompts}) > 4
+    batched = run_core(core, prompts, 24)
+    for i in (0, 6, 13):
+        alone = run_core(core, [prompts[i]], 24, first_id=100 + i)[100 + i]
+        assert alone == batched[i], f"prompt {i} differs in a batch"
+
+
+def test_cancel_frees_slot_within_one_step(tokenizer, model_dir):
+    core, _ = build_core(0, WorkerConfig(str(model_dir), "m", "cpu", "float32", 512, 4, 256, 2))
+    for i in range(3):
+        core.submit(GenerateRequest(i, chat_ids(tokenizer, PROMPTS[i]), SamplingParams(max_tokens=200)))
+    core.step()
+    core.cancel(CancelRequest(1))
+    out = core.step()
+    assert (1, "cancelled") in out.finished
+    assert all(seq_id != 1 for seq_id, _ in out.tokens)
+    assert [s.seq_id for s in core.scheduler.running] == [0, 2]
+
+
+def test_seeded_sampling_is_reproducible(tokenizer, model_dir):
+    core, _ = build_core(0, WorkerConfig(str(model_dir), "m", "cpu", "float32", 512, 4, 256, 2))
+    ids = chat_ids(tokenizer, PROMPTS[1])
+    params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=40, seed=1234)
+    runs = []
+    for attempt in range(2):
+        core.submit(GenerateRequest(attempt, ids, params))
+        tokens = []
+        while core.has_work:
+            tokens += [t for _, t in core.step().tokens]
+        runs.append(tokens)
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_reduced_precision_quality(hf_model, tokenizer, dtype, model_dir):
+    """Perplexity on a fixed text stays within 6% of fp32, and the test prompt's answer holds."""
+    ids = tokenizer(QUALITY_TEXT.read_text())["input_ids"][:512]
+    fp32 = math.exp(LlamaRunner(hf_model, 1024).score(ids))
+    core, _ = build_core(0, WorkerConfig(str(model_dir), "m", "cpu", dtype, 1024, 4, 512, 2))
+    reduced = math.exp(core.runner.score(ids))
+    assert reduced / fp32 < 1.06, f"{dtype} perplexity {reduced:.2f} vs fp32 {fp32:.2f}"
+    answer = run_core(core, [chat_ids(tokenizer, PROMPTS[0])], 12)[0]
+    assert "Paris" in tokenizer.decode(answer)

@@ -1,0 +1,105 @@
+"""BatchScheduler: pure bookkeeping, tested without torch or processes."""
+
+from chatserver.protocol.worker import SamplingParams
+from chatserver.workers.scheduler import BatchScheduler, Sequence, SlotMove
+
+EOS = 2
+
+
+def seq(seq_id: int, prompt_len: int = 4, max_tokens: int = 8) -> Sequence:
+    return Sequence(seq_id, list(range(10, 10 + prompt_len)), SamplingParams(max_tokens, stop_token_ids=(EOS,)))
+
+
+def run_step(s: BatchScheduler, token: int = 7):
+    plan = s.schedule()
+    sampled = [token for it in plan.items if it.wants_logits]
+    return plan, s.complete(plan, sampled)
+
+
+def test_admits_up_to_max_batch_and_decodes_one_token_each():
+    s = BatchScheduler(max_batch=2, prefill_chunk=100, max_context=100)
+    for i in range(3):
+        s.add(seq(i))
+    plan, (produced, finished) = run_step(s)
+    assert [it.seq_id for it in plan.items] == [0, 1]
+    assert [it.slot for it in plan.items] == [0, 1]
+    assert produced == [(0, 7), (1, 7)] and finished == []
+    plan, _ = run_step(s)
+    assert [(it.seq_id, it.token_ids, it.start) for it in plan.items] == [(0, [7], 4), (1, [7], 4)]
+    assert len(s.waiting) == 1
+
+
+def test_prefill_budget_splits_long_prompt_without_stalling_decoders():
+    s = BatchScheduler(max_batch=4, prefill_chunk=5, max_context=100)
+    s.add(seq(0, prompt_len=3))
+    run_step(s)  # seq 0 prefilled, first token out
+    s.add(seq(1, prompt_len=12))
+    plan, (produced, _) = run_step(s)
+    # seq 0 decodes, seq 1 gets the whole remaining budget of 5 prompt tokens
+    assert [(it.seq_id, len(it.token_ids), it.wants_logits) for it in plan.items] == [
+        (0, 1, True),
+        (1, 5, False),
+    ]
+    assert produced == [(0, 7)]
+    plan, _ = run_step(s)
+    assert [(it.seq_id, it.start, len(it.token_ids)) for it in plan.items] == [(0, 4, 1), (1, 5, 5)]
+    plan, (produced, _) = run_step(s)
+    assert [(it.seq_id, it.start, len(it.token_ids), it.wants_logits) for it in plan.items][1] == (1, 10, 2, True)
+    assert (1, 7) in produced
+
+
+def test_finish_reasons_stop_token_and_length():
+    s = BatchScheduler(max_batch=4, prefill_chunk=100, max_context=100)
+    s.add(seq(0, max_tokens=2))
+    s.add(seq(1, max_tokens=5))
+    _, (_, finished) = run_step(s, token=EOS)
+    assert finished == [(0, "stop"), (1, "stop")]
+    assert not s.has_work
+    s.add(seq(2, max_tokens=2))
+    run_step(s)
+    _, (_, finished) = run_step(s)
+    assert finished == [(2, "length")]
+
+
+def test_context_limit_finishes_with_length():
+    s = BatchScheduler(max_batch=1, prefill_chunk=100, max_context=6)
+    s.add(seq(0, prompt_len=4, max_tokens=100))
+    reasons = []
+    while s.has_work:
+        reasons += run_step(s)[1][1]
+    assert reasons == [(0, "length")]
+
+
+def test_removal_compacts_slots_with_a_move():
+    s = BatchScheduler(max_batch=4, prefill_chunk=100, max_context=100)
+    seqs = [seq(i) for i in range(3)]
+    for q in seqs:
+        s.add(q)
+    run_step(s)
+    s.remove(seqs[0])  # e.g. cancelled
+    assert s.take_moves() == [SlotMove(src=2, dst=0, length=4)]  # the new token is not cached yet
+    assert [q.seq_id for q in s.running] == [2, 1]
+    assert [q.slot for q in s.running] == [0, 1]
+    plan, _ = run_step(s)
+    assert {(it.seq_id, it.slot) for it in plan.items} == {(2, 0), (1, 1)}
+
+
+def test_cancel_waiting_sequence():
+    s = BatchScheduler(max_batch=1, prefill_chunk=100, max_context=100)
+    s.add(seq(0))
+    s.add(seq(1))
+    run_step(s)
+    waiting = s.find(1)
+    assert waiting is not None and waiting.slot == -1
+    s.remove(waiting)
+    assert s.find(1) is None and s.load == 1 and s.take_moves() == []
+
+
+def test_finish_mid_step_moves_a_later_sequence_with_its_new_length():
+    s = BatchScheduler(max_batch=4, prefill_chunk=100, max_context=100)
+    a, b = seq(0, max_tokens=1), seq(1, max_tokens=10)
+    s.add(a)
+    s.add(b)
+    run_step(s)  # a finishes on its first token; b (slot 1) moves to slot 0
+    assert s.take_moves() == [SlotMove(src=1, dst=0, length=4)]
+    assert b.slot == 0
