@@ -66,7 +66,9 @@ class Settings:
     )
     prefill_chunk: int = field(
         default=256,
-        metadata={"help": "most prompt tokens prefilled in one step, so running streams never stall"},
+        metadata={
+            "help": "most prompt tokens prefilled in one step, so running streams never stall"
+        },
     )
     threads_per_worker: int = field(
         default=0, metadata={"help": "torch threads in each worker (0: cores / workers)"}

@@ -46,7 +46,9 @@ def chat_ids(tokenizer, text: str) -> list[int]:
     return render(tokenizer, [{"role": "user", "content": text}])
 
 
-def run_core(core, prompts: list[list[int]], max_tokens: int, first_id: int = 0) -> dict[int, list[int]]:
+def run_core(
+    core, prompts: list[list[int]], max_tokens: int, first_id: int = 0
+) -> dict[int, list[int]]:
     outputs: dict[int, list[int]] = {}
     for i, ids in enumerate(prompts):
         params = SamplingParams(max_tokens=max_tokens, stop_token_ids=(2,))
@@ -88,7 +90,10 @@ def test_chunked_prefill_equals_one_shot(hf_model, tokenizer):
 def test_greedy_output_is_batch_invariant_fp32(tokenizer, model_dir):
     """A sequence decodes the same alone or among 15 others of other lengths."""
     core, _ = build_core(0, WorkerConfig(str(model_dir), "m", "cpu", "float32", 1024, 16, 512, 2))
-    prompts = [chat_ids(tokenizer, PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS))) for i in range(16)]
+    prompts = [
+        chat_ids(tokenizer, PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)))
+        for i in range(16)
+    ]
     assert len({len(p) for p in prompts}) > 4
     batched = run_core(core, prompts, 24)
     for i in (0, 6, 13):
@@ -99,7 +104,9 @@ def test_greedy_output_is_batch_invariant_fp32(tokenizer, model_dir):
 def test_cancel_frees_slot_within_one_step(tokenizer, model_dir):
     core, _ = build_core(0, WorkerConfig(str(model_dir), "m", "cpu", "float32", 512, 4, 256, 2))
     for i in range(3):
-        core.submit(GenerateRequest(i, chat_ids(tokenizer, PROMPTS[i]), SamplingParams(max_tokens=200)))
+        core.submit(
+            GenerateRequest(i, chat_ids(tokenizer, PROMPTS[i]), SamplingParams(max_tokens=200))
+        )
     core.step()
     core.cancel(CancelRequest(1))
     out = core.step()

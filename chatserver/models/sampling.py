@@ -31,7 +31,9 @@ class Sampler:
             self.generators[seq_id] = gen
         return gen
 
-    def sample(self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams]) -> list[int]:
+    def sample(
+        self, logits: torch.Tensor, seq_ids: list[int], params: list[SamplingParams]
+    ) -> list[int]:
         if not seq_ids:
             return []
         chosen = logits.argmax(dim=-1).tolist()
@@ -49,5 +51,7 @@ class Sampler:
                 drop[0] = False  # always keep the most likely token
                 scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
             probs = torch.softmax(scores, dim=-1)
-            chosen[row] = int(torch.multinomial(probs, 1, generator=self._generator(seq_id, p.seed)))
+            chosen[row] = int(
+                torch.multinomial(probs, 1, generator=self._generator(seq_id, p.seed))
+            )
         return chosen

@@ -47,7 +47,9 @@ def _integer(raw: Mapping[str, Any], name: str, lo: int, hi: int) -> int | None:
     return value
 
 
-def parse_request_params(raw: Mapping[str, Any], max_tokens_key: str = "max_tokens") -> RequestParams:
+def parse_request_params(
+    raw: Mapping[str, Any], max_tokens_key: str = "max_tokens"
+) -> RequestParams:
     """Check types and ranges; raise ApiError(400, invalid_parameter) naming the field."""
     stop = raw.get("stop")
     if stop is None:
@@ -57,7 +59,9 @@ def parse_request_params(raw: Mapping[str, Any], max_tokens_key: str = "max_toke
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         stops = tuple(stop)
     else:
-        raise bad_request("invalid_parameter", "'stop' must be a string or a list of strings", "stop")
+        raise bad_request(
+            "invalid_parameter", "'stop' must be a string or a list of strings", "stop"
+        )
     if len(stops) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
         raise bad_request(
             "invalid_parameter",

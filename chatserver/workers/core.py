@@ -34,7 +34,9 @@ TORCH_DTYPES = {
 
 
 class WorkerCore:
-    def __init__(self, worker_id: int, config: WorkerConfig, runner: LlamaRunner | HFRunner) -> None:
+    def __init__(
+        self, worker_id: int, config: WorkerConfig, runner: LlamaRunner | HFRunner
+    ) -> None:
         self.worker_id = worker_id
         self.config = config
         self.runner = runner
@@ -74,12 +76,16 @@ class WorkerCore:
             return out
         try:
             logits = self.runner.forward(plan.items, plan.active_slots)
-            wanting = [s for it, s in zip(plan.items, plan.sequences, strict=True) if it.wants_logits]
+            wanting = [
+                s for it, s in zip(plan.items, plan.sequences, strict=True) if it.wants_logits
+            ]
             sampled = self.sampler.sample(
                 logits, [s.seq_id for s in wanting], [s.params for s in wanting]
             )
         except Exception:
-            log.exception("worker %d: step failed; failing its %d sequences", self.worker_id, len(plan.items))
+            log.exception(
+                "worker %d: step failed; failing its %d sequences", self.worker_id, len(plan.items)
+            )
             for seq in plan.sequences:
                 if seq.slot >= 0 or seq in self.scheduler.waiting:
                     self.scheduler.remove(seq)
@@ -113,7 +119,14 @@ def build_core(worker_id: int, config: WorkerConfig) -> tuple[WorkerCore, Worker
     dtype = config.dtype if isinstance(runner, LlamaRunner) or not int8 else "float32"
     log.info(
         "worker %d: %s on %s (%s, runner %s) ready in %.1fs",
-        worker_id, config.model_id, config.device, dtype, runner.name, time.monotonic() - started,
+        worker_id,
+        config.model_id,
+        config.device,
+        dtype,
+        runner.name,
+        time.monotonic() - started,
     )
-    ready = WorkerReady(worker_id, config.model_id, config.device, dtype, config.max_context, runner.name)
+    ready = WorkerReady(
+        worker_id, config.model_id, config.device, dtype, config.max_context, runner.name
+    )
     return WorkerCore(worker_id, config, runner), ready

@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 def worker_main(worker_id: int, config: WorkerConfig, conn: Connection, log_level: int) -> None:
     """Entry point of the worker process."""
-    logging.basicConfig(level=log_level, format=f"%(asctime)s worker-{worker_id} %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s worker-{worker_id} %(levelname)s %(message)s"
+    )
     if config.nice:
         os.nice(config.nice)
     from chatserver.workers.core import build_core

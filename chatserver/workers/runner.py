@@ -73,7 +73,9 @@ class Bf16Weight:
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor | Int8Weight | Bf16Weight, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor | Int8Weight | Bf16Weight,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor):
         out = weight(x)
@@ -115,10 +117,14 @@ class LlamaRunner:
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).contiguous()
+            qkv = torch.cat(
+                [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+            ).contiguous()
             bias = None
             if attn.q_proj.bias is not None:
-                bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).contiguous()
+                bias = torch.cat(
+                    [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+                ).contiguous()
             self.layers.append(
                 (
                     layer.input_layernorm.weight,
@@ -185,6 +191,8 @@ class LlamaRunner:
 
     # --- forward ------------------------------------------------------------
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, weight.shape, weight, self.eps)  # one fused op
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * xf.to(x.dtype)
@@ -216,77 +224,95 @@ class LlamaRunner:
         ends = [it.start + len(it.token_ids) for it in items]
         self._ensure(active_slots, max(ends))
         dev = self.device
+        H, KV, D, cap = self.num_heads, self.num_kv_heads, self.head_dim, self.capacity
         token_ids: list[int] = []
         positions: list[int] = []
         slot_of_token: list[int] = []
+        offsets = [0]
         for it in items:
             token_ids.extend(it.token_ids)
             positions.extend(range(it.start, it.start + len(it.token_ids)))
             slot_of_token.extend([it.slot] * len(it.token_ids))
+            offsets.append(len(token_ids))
+        T = len(token_ids)
         ids_t = torch.tensor(token_ids, device=dev)
         pos_t = torch.tensor(positions, device=dev)
         slot_t = torch.tensor(slot_of_token, device=dev)
         cos = self.cos[pos_t].unsqueeze(1)
         sin = self.sin[pos_t].unsqueeze(1)
+        # Row of each (token, kv head) in the cache seen as [slots * KV * capacity, D]:
+        # index_copy_ writes a step's keys in one cheap call (advanced-index
+        # assignment costs milliseconds here).
+        cache_rows = (
+            (slot_t.unsqueeze(1) * KV + torch.arange(KV, device=dev)) * cap + pos_t.unsqueeze(1)
+        ).reshape(-1)
 
         decode = [i for i, it in enumerate(items) if len(it.token_ids) == 1 and it.start > 0]
         prefill = [i for i, it in enumerate(items) if not (len(it.token_ids) == 1 and it.start > 0)]
-        offsets = [0]
-        for it in items:
-            offsets.append(offsets[-1] + len(it.token_ids))
+        n = active_slots
+        # Fast path: every live slot decodes, in slot order (the common steady state).
+        all_decode = not prefill and [items[i].slot for i in decode] == list(range(n))
         if decode:
             dec_rows = torch.tensor([offsets[i] for i in decode], device=dev)
             dec_slots = torch.tensor([items[i].slot for i in decode], device=dev)
-            n = active_slots
             span = max(ends[i] for i in decode)
-            # Each decoding row attends to its own slot's first `end` positions.
-            lengths = torch.zeros(n, dtype=torch.long, device=dev)
+            lengths = torch.ones(n, dtype=torch.long, device=dev)  # other slots: any finite row
             lengths[dec_slots] = torch.tensor([ends[i] for i in decode], device=dev)
-            allowed = torch.arange(span, device=dev).unsqueeze(0) < lengths.unsqueeze(1)
-            allowed[:, 0] = True  # rows of non-decoding slots: any finite answer, discarded
-            dec_mask = allowed[:, None, None, :]
-        T = len(token_ids)
-        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+            dec_mask = (torch.arange(span, device=dev).unsqueeze(0) < lengths.unsqueeze(1))[
+                :, None, None, :
+            ]
         x = F.embedding(ids_t, self.embed)
         for layer_index, (ln1, w_qkv, b_qkv, w_o, ln2, w_gu, w_down) in enumerate(self.layers):
             k_cache = self.k_cache[layer_index]
             v_cache = self.v_cache[layer_index]
             h = self._rms(x, ln1)
             qkv = linear(h, w_qkv, b_qkv)
-            q = qkv[:, : H * D].view(T, H, D)
-            k = qkv[:, H * D : (H + KV) * D].view(T, KV, D)
-            v = qkv[:, (H + KV) * D :].view(T, KV, D)
-            q = self._rope(q, cos, sin)
-            k = self._rope(k, cos, sin)
-            k_cache[slot_t, :, pos_t] = k
-            v_cache[slot_t, :, pos_t] = v
-            attn = torch.empty(T, H, D, dtype=x.dtype, device=dev)
-            if decode:
-                q_all = torch.zeros(n, H, 1, D, dtype=x.dtype, device=dev)
-                q_all[dec_slots] = q[dec_rows].unsqueeze(2)
-                out = F.scaled_dot_product_attention(
-                    q_all,
+            # q and k sit side by side in qkv: one rotary call for both.
+            qk = self._rope(qkv[:, : (H + KV) * D].view(T, H + KV, D), cos, sin)
+            q, k = qk[:, :H], qk[:, H:]
+            v = qkv[:, (H + KV) * D :].reshape(T * KV, D)
+            k_cache.view(-1, D).index_copy_(0, cache_rows, k.reshape(T * KV, D))
+            v_cache.view(-1, D).index_copy_(0, cache_rows, v)
+            if all_decode:
+                attn = F.scaled_dot_product_attention(
+                    q.unsqueeze(2),
                     k_cache[:n, :, :span],
                     v_cache[:n, :, :span],
                     attn_mask=dec_mask,
                     enable_gqa=True,
-                )
-                attn[dec_rows] = out[dec_slots, :, 0]
-            for i in prefill:
-                it = items[i]
-                lo, hi = offsets[i], offsets[i + 1]
-                end = ends[i]
-                qi = q[lo:hi].transpose(0, 1).unsqueeze(0)
-                ki = k_cache[it.slot : it.slot + 1, :, :end]
-                vi = v_cache[it.slot : it.slot + 1, :, :end]
-                if it.start == 0:
-                    out = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True)
-                else:
-                    rows = torch.arange(it.start, end, device=dev).unsqueeze(1)
-                    mask = torch.arange(end, device=dev).unsqueeze(0) <= rows
-                    out = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, enable_gqa=True)
-                attn[lo:hi] = out[0].transpose(0, 1)
-            x = x + linear(attn.view(T, H * D), w_o)
+                ).reshape(T, H * D)
+            else:
+                attn = torch.empty(T, H, D, dtype=x.dtype, device=dev)
+                if decode:
+                    q_all = torch.zeros(n, H, D, dtype=x.dtype, device=dev)
+                    q_all.index_copy_(0, dec_slots, q.index_select(0, dec_rows))
+                    out = F.scaled_dot_product_attention(
+                        q_all.unsqueeze(2),
+                        k_cache[:n, :, :span],
+                        v_cache[:n, :, :span],
+                        attn_mask=dec_mask,
+                        enable_gqa=True,
+                    )
+                    attn.index_copy_(0, dec_rows, out.squeeze(2).index_select(0, dec_slots))
+                for i in prefill:
+                    it = items[i]
+                    lo, hi, end = offsets[i], offsets[i + 1], ends[i]
+                    qi = q[lo:hi].transpose(0, 1).unsqueeze(0)
+                    ki = k_cache[it.slot : it.slot + 1, :, :end]
+                    vi = v_cache[it.slot : it.slot + 1, :, :end]
+                    if it.start == 0:
+                        out = F.scaled_dot_product_attention(
+                            qi, ki, vi, is_causal=True, enable_gqa=True
+                        )
+                    else:
+                        rows = torch.arange(it.start, end, device=dev).unsqueeze(1)
+                        mask = torch.arange(end, device=dev).unsqueeze(0) <= rows
+                        out = F.scaled_dot_product_attention(
+                            qi, ki, vi, attn_mask=mask, enable_gqa=True
+                        )
+                    attn[lo:hi] = out[0].transpose(0, 1)
+                attn = attn.view(T, H * D)
+            x = x + linear(attn, w_o)
             h = self._rms(x, ln2)
             gu = linear(h, w_gu)
             x = x + linear(F.silu(gu[:, : self.intermediate]) * gu[:, self.intermediate :], w_down)

@@ -110,7 +110,9 @@ class BatchScheduler:
         budget = self.prefill_chunk
         for seq in self.running:
             if not seq.prefilling:
-                items.append(StepItem(seq.seq_id, seq.slot, [seq.output_ids[-1]], seq.length - 1, True))
+                items.append(
+                    StepItem(seq.seq_id, seq.slot, [seq.output_ids[-1]], seq.length - 1, True)
+                )
                 seqs.append(seq)
         for seq in self.running:
             if seq.prefilling and budget > 0:
@@ -131,7 +133,9 @@ class BatchScheduler:
         seqs.append(seq)
         return len(chunk)
 
-    def complete(self, plan: StepPlan, sampled: list[int]) -> tuple[list[tuple[int, int]], list[tuple[int, str]]]:
+    def complete(
+        self, plan: StepPlan, sampled: list[int]
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, str]]]:
         """Record a step's sampled tokens (one per item with wants_logits, in order).
 
         Returns the (seq_id, token) pairs produced and the (seq_id, reason) of

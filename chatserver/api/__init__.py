@@ -1,0 +1,1 @@
+"""HTTP, WebSocket and OpenAI handlers: transport only (parse, call, write)."""

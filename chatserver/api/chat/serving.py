@@ -1,0 +1,94 @@
+"""One chat turn in a session, the same for /ws and /v1/query.
+
+The prompt is the configured system prompt, the session's history and the new
+user message, truncated by the engine (oldest turns first) to fit the
+context. The turn is written to history only once its reply is over; see
+``chatserver.sessions.base`` for what a cancelled or failed reply leaves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from chatserver.config import Settings
+from chatserver.errors import ApiError
+from chatserver.limits import InFlight
+from chatserver.protocol.sampling import RequestParams
+from chatserver.sessions import SessionStore
+from chatserver.sessions.base import Message
+
+if TYPE_CHECKING:
+    from chatserver.engine.engine import GenerationStream, InferenceEngine
+
+log = logging.getLogger(__name__)
+
+
+def session_not_found(session_id: str) -> ApiError:
+    return ApiError(404, "session_not_found", f"no session {session_id!r} (unknown or expired)")
+
+
+@dataclass(slots=True)
+class Turn:
+    """A generation under way for one user message of one session."""
+
+    session_id: str
+    created: bool  # the session was made for this turn
+    content: str
+    stream: GenerationStream
+
+
+class ChatService:
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        sessions: SessionStore,
+        settings: Settings,
+        inflight: InFlight,
+    ) -> None:
+        self.engine = engine
+        self.sessions = sessions
+        self.settings = settings
+        self.inflight = inflight
+
+    async def start_turn(self, session_id: str | None, content: str, params: RequestParams) -> Turn:
+        """Build the prompt and start generating; None as session_id starts a session.
+
+        Raises ApiError: session_not_found, context_length_exceeded, not_ready.
+        """
+        history: list[Message] = []
+        if session_id is not None:
+            found = await self.sessions.messages(session_id)
+            if found is None:
+                raise session_not_found(session_id)
+            history = found
+        messages = [{"role": "system", "content": self.settings.system_prompt}]
+        messages += [{"role": m["role"], "content": m["content"]} for m in history]
+        messages.append({"role": "user", "content": content})
+        max_tokens = params.max_tokens or self.settings.default_max_tokens
+        prompt = await self.engine.chat_prompt(messages, max_tokens, truncate=True)
+        stream = self.inflight.add(
+            self.engine.generate(prompt, dataclasses.replace(params, max_tokens=max_tokens))
+        )
+        created = session_id is None
+        if session_id is None:
+            try:
+                session_id = await self.sessions.create()
+            except BaseException:
+                stream.cancel()
+                raise
+        return Turn(session_id, created, content, stream)
+
+    async def finish_turn(self, turn: Turn) -> None:
+        """Store the finished turn (a cancelled one with its partial text; a failed one not)."""
+        reason = turn.stream.finish_reason
+        if reason not in ("stop", "length", "cancelled"):
+            return
+        assistant: Message = {"role": "assistant", "content": turn.stream.text}
+        if reason == "cancelled":
+            assistant["cancelled"] = True
+        user: Message = {"role": "user", "content": turn.content}
+        if not await self.sessions.append_turn(turn.session_id, user, assistant):
+            log.info("session %s went away before its reply was stored", turn.session_id)

@@ -1,0 +1,112 @@
+"""Every failure a client sees, as JSON with a stable code, built in one place.
+
+Native routes answer ``{"error": {"code", "message"}}``; the OpenAI routes
+answer OpenAI's ``{"error": {"message", "type", "param", "code"}}`` so that
+OpenAI clients raise their usual exceptions. The middleware turns ApiError,
+aiohttp's own HTTP errors (404, 405, 413) and anything unexpected (500, logged)
+into one of those bodies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from chatserver.errors import ApiError, bad_request
+from chatserver.sessions import SessionStoreUnavailable
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    404: ("not_found", "no route for {method} {path}"),
+    405: ("method_not_allowed", "{method} is not allowed on {path}"),
+    413: ("body_too_large", "the request body is too large"),
+}
+
+
+def to_api_error(exc: BaseException, request: web.Request | None = None) -> ApiError:
+    """The client-facing form of any exception a handler let escape."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, web.HTTPException):
+        code, template = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
+        if request is None:
+            return ApiError(exc.status, code, exc.reason)
+        return ApiError(exc.status, code, template.format(method=request.method, path=request.path))
+    if isinstance(exc, SessionStoreUnavailable):
+        return ApiError(503, "session_store_unavailable", "the session store is unavailable")
+    return ApiError(500, "internal_error", "internal server error")
+
+
+def openai_error_type(status: int) -> str:
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def error_body(err: ApiError, *, openai: bool = False) -> dict[str, Any]:
+    if not openai:
+        return err.body()
+    return {
+        "error": {
+            "message": err.message,
+            "type": openai_error_type(err.status),
+            "param": err.param,
+            "code": err.code,
+        }
+    }
+
+
+def error_response(err: ApiError, *, openai: bool = False) -> web.Response:
+    return web.json_response(error_body(err, openai=openai), status=err.status)
+
+
+def error_middleware(is_openai: Callable[[web.Request], bool]) -> Middleware:
+    """JSON errors for every route; ``is_openai`` picks the body shape per request."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = error_response(to_api_error(exc, request), openai=is_openai(request))
+            if "Allow" in exc.headers:
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
+        except ApiError as err:
+            return error_response(err, openai=is_openai(request))
+        except Exception as exc:
+            err = to_api_error(exc)
+            if err.code == "internal_error":
+                log.exception("%s %s failed", request.method, request.path)
+            else:
+                log.warning("%s %s: %s", request.method, request.path, exc)
+            return error_response(err, openai=is_openai(request))
+
+    return middleware
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400/413 ApiError saying what is wrong."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(
+            413,
+            "body_too_large",
+            f"the request body is larger than {request.client_max_size} bytes",
+        ) from None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise bad_request("invalid_json", "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise bad_request("invalid_json", "the request body must be a JSON object")
+    return body

@@ -1,0 +1,34 @@
+"""Liveness and readiness probes for load balancers and orchestrators.
+
+/healthz answers while the event loop runs; /readyz only once every worker has
+loaded the model, so traffic is not sent to a server that would answer 503.
+/readyz also counts the generations under way, for balancing and for checking
+that replies whose clients left were cancelled.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from chatserver.api.state import ENGINE, INFLIGHT
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    body = {
+        "status": "ready" if engine.ready else "loading",
+        "model": engine.model_id,
+        "generations": len(request.app[INFLIGHT].live()),
+    }
+    if not engine.ready:
+        body["reason"] = engine.failure or "the model workers are loading"
+    return web.json_response(body, status=200 if engine.ready else 503)
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)

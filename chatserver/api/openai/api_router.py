@@ -1,0 +1,70 @@
+"""Routes of the OpenAI-compatible API; errors here use OpenAI's error shape."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import aclosing
+
+from aiohttp import web
+
+from chatserver.api.errors import error_body, read_json_object, to_api_error
+from chatserver.api.openai.protocol import SSE_DONE, parse_chat_completion, sse_event
+from chatserver.api.state import OPENAI
+
+log = logging.getLogger(__name__)
+
+PATH_PREFIXES = ("/v1/chat/", "/v1/models")
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+def is_openai_request(request: web.Request) -> bool:
+    return request.path.startswith(PATH_PREFIXES)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """One completion, as JSON or as SSE chunks; a client that goes away cancels it."""
+    serving = request.app[OPENAI]
+    body = parse_chat_completion(await read_json_object(request))
+    stream = await serving.start(body)
+    async with stream:  # leaving it early (error, disconnect) cancels the generation
+        if not body.stream:
+            return web.json_response(await serving.complete(body, stream))
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+        try:
+            try:
+                async with aclosing(serving.chunks(body, stream)) as chunks:
+                    async for chunk in chunks:
+                        await response.write(sse_event(chunk))
+            except ConnectionError:
+                raise
+            except Exception as exc:
+                # Headers are sent: report the failure as an event, as OpenAI does.
+                err = to_api_error(exc)
+                if err.code == "internal_error":
+                    log.error("chat completion stream failed", exc_info=exc)
+                await response.write(sse_event(error_body(err, openai=True)))
+            await response.write(SSE_DONE)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client went away; leaving the stream cancels the generation
+        return response
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAI].models())
+
+
+async def get_model(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAI].model(request.match_info["model"]))
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)

@@ -1,0 +1,94 @@
+"""Chat completions on the engine: the prompt is exactly the client's messages.
+
+Stateless (no session store) and never truncated: a conversation that does not
+fit the context is the client's to shorten, so it gets 400
+``context_length_exceeded`` rather than a silently edited prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from chatserver.api.openai import protocol
+from chatserver.api.openai.protocol import ChatCompletionRequest
+from chatserver.config import Settings
+from chatserver.errors import ApiError
+from chatserver.limits import InFlight
+
+if TYPE_CHECKING:
+    from chatserver.engine.engine import GenerationStream, InferenceEngine
+
+
+class OpenAIServing:
+    def __init__(self, engine: InferenceEngine, settings: Settings, inflight: InFlight) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.inflight = inflight
+        self.created = int(time.time())
+
+    def models(self) -> dict[str, Any]:
+        return protocol.model_list(self.engine.model_id, self.created)
+
+    def model(self, model_id: str) -> dict[str, Any]:
+        self.check_model(model_id)
+        return protocol.model_card(model_id, self.created)
+
+    def check_model(self, model: str) -> None:
+        if model != self.engine.model_id:
+            raise ApiError(
+                404,
+                "model_not_found",
+                f"the model {model!r} does not exist; this server serves {self.engine.model_id!r}",
+                "model",
+            )
+
+    async def start(self, request: ChatCompletionRequest) -> GenerationStream:
+        """Check the model, build the prompt and start generating; the caller enters the stream.
+
+        Raises ApiError: model_not_found, context_length_exceeded, not_ready.
+        """
+        self.check_model(request.model)
+        max_tokens = request.params.max_tokens or self.settings.default_max_tokens
+        prompt = await self.engine.chat_prompt(request.messages, max_tokens, truncate=False)
+        params = dataclasses.replace(request.params, max_tokens=max_tokens)
+        return self.inflight.add(self.engine.generate(prompt, params))
+
+    async def complete(
+        self, request: ChatCompletionRequest, stream: GenerationStream
+    ) -> dict[str, Any]:
+        """Drain an entered stream into one ``chat.completion`` object."""
+        async for _ in stream:
+            pass
+        if stream.finish_reason == "error":
+            raise ApiError(500, "generation_failed", "the model failed to generate a reply")
+        return protocol.chat_completion(
+            protocol.completion_id(),
+            int(time.time()),
+            self.engine.model_id,
+            stream.text,
+            protocol.openai_finish_reason(stream.finish_reason),
+            stream.prompt_tokens,
+            stream.completion_tokens,
+        )
+
+    async def chunks(
+        self, request: ChatCompletionRequest, stream: GenerationStream
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The ``chat.completion.chunk`` objects for an entered stream, in OpenAI's order."""
+        id, created, model = protocol.completion_id(), int(time.time()), self.engine.model_id
+        usage = request.include_usage
+        yield protocol.chunk(id, created, model, {"role": "assistant", "content": ""}, None, usage)
+        async for delta in stream:
+            if delta:
+                yield protocol.chunk(id, created, model, {"content": delta}, None, usage)
+        if stream.finish_reason == "error":
+            raise ApiError(500, "generation_failed", "the model failed to generate a reply")
+        reason = protocol.openai_finish_reason(stream.finish_reason)
+        yield protocol.chunk(id, created, model, {}, reason, usage)
+        if usage:
+            yield protocol.usage_chunk(
+                id, created, model, stream.prompt_tokens, stream.completion_tokens
+            )

@@ -1,0 +1,28 @@
+"""Typed keys for what the app holds; opened and closed by app.py's cleanup contexts."""
+
+from __future__ import annotations
+
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from chatserver.config import Settings
+from chatserver.limits import InFlight
+from chatserver.sessions import SessionStore
+
+if TYPE_CHECKING:
+    from chatserver.api.chat.serving import ChatService
+    from chatserver.api.openai.serving import OpenAIServing
+    from chatserver.engine.engine import InferenceEngine
+
+SETTINGS = web.AppKey("settings", Settings)
+EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
+SESSIONS = web.AppKey("sessions", SessionStore)
+INFLIGHT = web.AppKey("inflight", InFlight)
+ENGINE: web.AppKey[InferenceEngine] = web.AppKey("engine")
+CHAT: web.AppKey[ChatService] = web.AppKey("chat")
+OPENAI: web.AppKey[OpenAIServing] = web.AppKey("openai")
+# Open WebSockets, closed with "going away" when the server shuts down.
+WEBSOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")

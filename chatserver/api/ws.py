@@ -1,0 +1,290 @@
+"""GET /ws: chat over a WebSocket, many messages per socket, answered in order.
+
+Two tasks per socket: the handler reads frames (throttled) and queues chat
+messages or applies cancels at once; an answer loop takes one queued message at
+a time and streams its reply. So a cancel is seen while a reply streams, and a
+socket never has more than one generation in the engine. When the socket goes
+(client close, network loss, server shutdown) queued messages are dropped and
+the running generation is cancelled, so its sequence leaves the batch.
+
+The frames themselves are built and parsed in ``chatserver.protocol.ws``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from chatserver.api.chat.serving import ChatService, session_not_found
+from chatserver.api.errors import to_api_error
+from chatserver.api.state import CHAT, SETTINGS, WEBSOCKETS
+from chatserver.config import Settings
+from chatserver.errors import ApiError
+from chatserver.limits import FrameThrottle
+from chatserver.protocol.ws import (
+    CancelFrame,
+    ChatFrame,
+    FrameError,
+    done_frame,
+    encode,
+    error_frame,
+    parse_client_frame,
+    session_frame,
+    token_frame,
+)
+
+if TYPE_CHECKING:
+    from chatserver.engine.engine import GenerationStream
+
+log = logging.getLogger(__name__)
+
+# aiohttp closes the socket (1009) on frames over this many times max_frame_bytes;
+# frames between the two limits get a frame_too_large error frame instead.
+HARD_FRAME_FACTOR = 4
+# How long a closing socket waits for its cancelled generation to wind down.
+CLOSE_GRACE_S = 10.0
+
+
+@dataclass(slots=True)
+class _Job:
+    """A chat message queued or being answered."""
+
+    id: str
+    frame: ChatFrame
+    cancelled: bool = False
+    stream: GenerationStream | None = None  # once generation started
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.stream is not None:
+            self.stream.cancel()
+
+
+class ChatSocket:
+    """The state of one /ws connection: current session, queue, running message."""
+
+    def __init__(self, ws: web.WebSocketResponse, chat: ChatService, settings: Settings):
+        self.ws = ws
+        self.chat = chat
+        self.settings = settings
+        self.session_id: str | None = None
+        self._pending: deque[_Job] = deque()
+        self._running: _Job | None = None
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self._throttle = FrameThrottle(settings.ws_rate)
+        self._counter = 0
+
+    async def run(self, resume: str | None) -> None:
+        answers = asyncio.create_task(self._answer_loop())
+        try:
+            if resume is not None:
+                await self._resume(resume)
+            async for msg in self.ws:
+                await self._throttle.wait()
+                if msg.type == WSMsgType.TEXT:
+                    await self._on_text(msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    await self._send(
+                        error_frame("unsupported_frame", "binary frames are not supported")
+                    )
+                elif msg.type == WSMsgType.ERROR:
+                    log.debug("websocket error: %s", self.ws.exception())
+                    break
+        finally:
+            await self._close(answers)
+
+    async def _send(self, frame: dict[str, Any]) -> None:
+        if self.ws.closed:
+            return
+        try:
+            await self.ws.send_str(encode(frame))
+        except ConnectionError:
+            pass  # the reader sees the socket close and cleans up
+
+    async def _send_error(self, exc: BaseException, message_id: str | None) -> None:
+        err = to_api_error(exc)
+        if err.code == "internal_error":
+            log.error("websocket message %s failed", message_id, exc_info=exc)
+        await self._send(error_frame(err.code, err.message, message_id))
+
+    async def _resume(self, session_id: str) -> None:
+        try:
+            found = await self.chat.sessions.exists(session_id)
+        except Exception as exc:
+            await self._send_error(exc, None)
+            return
+        if not found:
+            await self._send_error(session_not_found(session_id), None)
+            return
+        self.session_id = session_id
+        await self._send(session_frame(session_id))
+
+    async def _on_text(self, text: str) -> None:
+        try:
+            frame = parse_client_frame(text, self.settings.max_frame_bytes)
+        except FrameError as err:
+            await self._send(err.frame())
+            return
+        if isinstance(frame, CancelFrame):
+            await self._cancel(frame.id)
+        else:
+            await self._enqueue(frame)
+
+    def _in_flight(self, message_id: str) -> bool:
+        if self._running is not None and self._running.id == message_id:
+            return True
+        return any(job.id == message_id for job in self._pending)
+
+    def _new_id(self) -> str:
+        while True:
+            self._counter += 1
+            message_id = f"m{self._counter}"
+            if not self._in_flight(message_id):
+                return message_id
+
+    async def _enqueue(self, frame: ChatFrame) -> None:
+        message_id = frame.id or self._new_id()
+        if frame.id is not None and self._in_flight(frame.id):
+            await self._send(
+                error_frame("duplicate_id", f"message {frame.id!r} is already queued", frame.id)
+            )
+            return
+        in_flight = len(self._pending) + (self._running is not None)
+        if in_flight > self.settings.ws_queue:
+            await self._send(
+                error_frame(
+                    "queue_full",
+                    f"at most {self.settings.ws_queue} messages may wait on one socket",
+                    message_id,
+                )
+            )
+            return
+        self._pending.append(_Job(message_id, frame))
+        self._wakeup.set()
+
+    async def _cancel(self, message_id: str | None) -> None:
+        running = self._running
+        if running is not None and message_id in (None, running.id):
+            running.cancel()
+            return
+        for job in self._pending:
+            if job.id == message_id:
+                self._pending.remove(job)
+                await self._send(done_frame(job.id, "cancelled", 0, 0))
+                return
+        if message_id is None:
+            await self._send(error_frame("nothing_to_cancel", "no message is being answered"))
+        else:
+            await self._send(
+                error_frame("unknown_id", f"no message {message_id!r} to cancel", message_id)
+            )
+
+    async def _answer_loop(self) -> None:
+        while not self._closed:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            job = self._running = self._pending.popleft()
+            try:
+                await self._answer(job)
+            except Exception as exc:  # one message failing must not stop the socket
+                await self._send_error(exc, job.id)
+            finally:
+                self._running = None
+
+    async def _answer(self, job: _Job) -> None:
+        frame = job.frame
+        try:
+            turn = await self.chat.start_turn(
+                frame.session_id or self.session_id, frame.content, frame.params
+            )
+        except Exception as exc:
+            if (
+                isinstance(exc, ApiError)
+                and exc.code == "session_not_found"
+                and not frame.session_id
+            ):
+                self.session_id = None  # expired or deleted: the next message starts a new one
+            await self._send_error(exc, job.id)
+            return
+        stream = job.stream = turn.stream
+        async with stream:  # leaving it early (error, socket gone) cancels the generation
+            if job.cancelled:
+                stream.cancel()
+            if turn.session_id != self.session_id:
+                self.session_id = turn.session_id
+                await self._send(session_frame(turn.session_id))
+            try:
+                async for delta in stream:
+                    if delta:
+                        await self._send(token_frame(job.id, delta))
+            except Exception as exc:
+                await self._send_error(exc, job.id)
+                return
+        if stream.finish_reason not in ("stop", "length", "cancelled"):
+            await self._send(
+                error_frame("generation_failed", "the model failed to generate a reply", job.id)
+            )
+            return
+        store_error: Exception | None = None
+        try:
+            await self.chat.finish_turn(turn)
+        except Exception as exc:
+            store_error = exc
+        await self._send(
+            done_frame(job.id, stream.finish_reason, stream.prompt_tokens, stream.completion_tokens)
+        )
+        if store_error is not None:
+            # The reply was delivered; say that it could not be kept.
+            await self._send_error(store_error, job.id)
+
+    async def _close(self, answers: asyncio.Task[None]) -> None:
+        """Drop queued messages, cancel the running one, let the answer loop end."""
+        self._closed = True
+        self._pending.clear()
+        if self._running is not None:
+            self._running.cancel()
+        self._wakeup.set()
+        try:
+            await asyncio.wait({answers}, timeout=CLOSE_GRACE_S)
+        finally:
+            if not answers.done():
+                answers.cancel()
+            elif not answers.cancelled() and answers.exception() is not None:
+                log.error("websocket answer loop failed", exc_info=answers.exception())
+
+
+async def chat_ws(request: web.Request) -> web.WebSocketResponse:
+    settings = request.app[SETTINGS]
+    ws = web.WebSocketResponse(
+        heartbeat=settings.ws_heartbeat or None,
+        max_msg_size=HARD_FRAME_FACTOR * settings.max_frame_bytes,
+        # Token frames are a few bytes: permessage-deflate would save little and
+        # cost ~300 KiB of zlib state per open socket.
+        compress=False,
+    )
+    await ws.prepare(request)
+    sockets = request.app[WEBSOCKETS]
+    sockets.add(ws)
+    try:
+        await ChatSocket(ws, request.app[CHAT], settings).run(request.query.get("session_id"))
+    finally:
+        sockets.discard(ws)
+    return ws
+
+
+async def close_websockets(app: web.Application) -> None:
+    """on_shutdown: tell every client the server is going away."""
+    for ws in list(app[WEBSOCKETS]):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/ws", chat_ws)

@@ -1,0 +1,154 @@
+"""Wiring: the aiohttp application built from Settings, and the process that serves it.
+
+Resources open and close in ``cleanup_ctx`` order (thread pool, session store,
+engine, the services over them) and live under typed ``AppKey``s; handlers
+find everything there, never in module globals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import weakref
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from chatserver.api import health, ws
+from chatserver.api.chat import api_router as chat_router
+from chatserver.api.chat.serving import ChatService
+from chatserver.api.errors import error_middleware
+from chatserver.api.openai import api_router as openai_router
+from chatserver.api.openai.serving import OpenAIServing
+from chatserver.api.state import (
+    CHAT,
+    ENGINE,
+    EXECUTOR,
+    INFLIGHT,
+    OPENAI,
+    SESSIONS,
+    SETTINGS,
+    WEBSOCKETS,
+)
+from chatserver.config import Settings
+from chatserver.engine.engine import InferenceEngine
+from chatserver.limits import InFlight
+from chatserver.sessions import SessionStoreUnavailable, open_store
+
+log = logging.getLogger("chatserver")
+
+# When the server stops, running replies get this long to finish before they
+# are cancelled (WebSockets are closed at once: their clients reconnect).
+SHUTDOWN_GRACE_S = 5.0
+# aiohttp's own wait for handlers after that; they end promptly once cancelled.
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+async def _thread_pool(app: web.Application) -> AsyncIterator[None]:
+    """The loop's default executor, sized by settings and closed with the app.
+
+    Whatever runs blocking work with ``run_in_executor(None, ...)`` or
+    ``asyncio.to_thread`` outside the engine (which keeps its own tokenizer
+    pool) gets these threads instead of asyncio's implicit pool.
+    """
+    pool = ThreadPoolExecutor(
+        max_workers=max(1, app[SETTINGS].tokenizer_threads), thread_name_prefix="chatserver"
+    )
+    asyncio.get_running_loop().set_default_executor(pool)
+    app[EXECUTOR] = pool
+    yield
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _session_store(app: web.Application) -> AsyncIterator[None]:
+    store = open_store(app[SETTINGS])
+    try:
+        await store.check()  # a wrong --redis-url fails at startup, not on every chat
+    except BaseException:
+        await store.close()
+        raise
+    app[SESSIONS] = store
+    yield
+    await store.close()
+
+
+async def _engine(app: web.Application) -> AsyncIterator[None]:
+    engine = InferenceEngine(app[SETTINGS])
+    try:
+        await engine.start()
+    except BaseException:
+        await engine.stop()  # no worker outlives a failed start
+        raise
+    app[ENGINE] = engine
+    yield
+    await engine.stop()
+
+
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[CHAT] = ChatService(app[ENGINE], app[SESSIONS], settings, app[INFLIGHT])
+    app[OPENAI] = OpenAIServing(app[ENGINE], settings, app[INFLIGHT])
+    yield
+
+
+async def _drain(app: web.Application) -> None:
+    """on_shutdown: let running replies finish for a grace period, then cancel them."""
+    cancelled = await app[INFLIGHT].drain(SHUTDOWN_GRACE_S)
+    if cancelled:
+        log.info("cancelled %d reply(ies) still running at shutdown", cancelled)
+
+
+def build_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[error_middleware(openai_router.is_openai_request)],
+    )
+    app[SETTINGS] = settings
+    app[WEBSOCKETS] = weakref.WeakSet()
+    app[INFLIGHT] = InFlight()
+    app.cleanup_ctx.extend([_thread_pool, _session_store, _engine, _services])
+    app.on_shutdown.extend([ws.close_websockets, _drain])
+    health.setup_routes(app)
+    ws.setup_routes(app)
+    chat_router.setup_routes(app)
+    openai_router.setup_routes(app)
+    return app
+
+
+async def _serve(settings: Settings) -> None:
+    runner = web.AppRunner(
+        build_app(settings), handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+        for host, port, *_ in runner.addresses:
+            log.info("serving on http://%s:%d", host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
+
+
+def serve(settings: Settings) -> None:
+    """Run the server until SIGINT or SIGTERM, on uvloop where it exists."""
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if sys.platform == "win32":
+            asyncio.run(_serve(settings))
+        else:
+            import uvloop
+
+            uvloop.run(_serve(settings))
+    except SessionStoreUnavailable as exc:
+        sys.exit(f"chatserver: {exc} (check --redis-url)")

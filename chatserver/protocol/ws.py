@@ -1,0 +1,163 @@
+"""The WebSocket chat protocol: client frames parsed and checked, server frames built.
+
+Pure functions over plain data, no I/O, so every rule of the protocol is tested
+without a socket; ``chatserver.api.ws`` only reads frames, calls these and
+writes what they return.
+
+Client -> server (JSON text frames)::
+
+    {"type": "chat", "content": str, "session_id"?: str, "id"?: str,
+     "params"?: {"max_tokens", "temperature", "top_p", "top_k", "stop", "seed"}}
+    {"type": "cancel", "id"?: str}
+
+Server -> client::
+
+    {"type": "session", "session_id": str}
+    {"type": "token", "id": str, "content": str}
+    {"type": "done", "id": str, "finish_reason": "stop"|"length"|"cancelled",
+     "usage": {"prompt_tokens": int, "completion_tokens": int}}
+    {"type": "error", "id"?: str, "code": str, "message": str}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from chatserver.errors import ApiError
+from chatserver.protocol.sampling import RequestParams, parse_request_params
+
+MAX_ID_LENGTH = 128
+PARAM_NAMES = frozenset({"max_tokens", "temperature", "top_p", "top_k", "stop", "seed"})
+
+
+@dataclass(frozen=True, slots=True)
+class ChatFrame:
+    """A user message to answer; ``id`` None means the server assigns one."""
+
+    content: str
+    id: str | None = None
+    session_id: str | None = None
+    params: RequestParams = RequestParams()
+
+
+@dataclass(frozen=True, slots=True)
+class CancelFrame:
+    """Cancel message ``id`` (running or queued); None cancels the running one."""
+
+    id: str | None = None
+
+
+ClientFrame = ChatFrame | CancelFrame
+
+
+class FrameError(Exception):
+    """A client frame was refused; becomes one error frame, the socket stays open."""
+
+    def __init__(self, code: str, message: str, frame_id: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.frame_id = frame_id
+
+    @classmethod
+    def from_api_error(cls, err: ApiError, frame_id: str | None = None) -> FrameError:
+        return cls(err.code, err.message, frame_id)
+
+    def frame(self) -> dict[str, Any]:
+        return error_frame(self.code, self.message, self.frame_id)
+
+
+def _optional_str(obj: dict[str, Any], name: str, frame_id: str | None) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LENGTH:
+        raise FrameError(
+            "invalid_field",
+            f"'{name}' must be a non-empty string of at most {MAX_ID_LENGTH} characters",
+            frame_id,
+        )
+    return value
+
+
+def parse_client_frame(text: str, max_bytes: int) -> ClientFrame:
+    """Turn one text frame into a ChatFrame or CancelFrame, or raise FrameError.
+
+    ``max_bytes`` is the soft frame limit (settings.max_frame_bytes): larger
+    frames are refused with ``frame_too_large`` before any JSON parsing.
+    """
+    if len(text) > max_bytes or len(text.encode()) > max_bytes:
+        raise FrameError("frame_too_large", f"text frames are limited to {max_bytes} bytes")
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise FrameError("invalid_json", "the frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise FrameError("invalid_frame", "a frame must be a JSON object")
+
+    # The id first, so that every later error can name the message it refuses.
+    frame_id = _optional_str(obj, "id", None)
+
+    kind = obj.get("type")
+    if kind == "cancel":
+        return CancelFrame(frame_id)
+    if kind != "chat":
+        if not isinstance(kind, str):
+            raise FrameError("invalid_field", "'type' must be a string", frame_id)
+        raise FrameError(
+            "unknown_type", f"unknown frame type {kind!r}; expected 'chat' or 'cancel'", frame_id
+        )
+
+    content = obj.get("content")
+    if not isinstance(content, str) or not content:
+        raise FrameError("invalid_field", "'content' must be a non-empty string", frame_id)
+    session_id = _optional_str(obj, "session_id", frame_id)
+    raw_params = obj.get("params")
+    if raw_params is None:
+        raw_params = {}
+    if not isinstance(raw_params, dict):
+        raise FrameError("invalid_field", "'params' must be an object", frame_id)
+    unknown = sorted(set(raw_params) - PARAM_NAMES)
+    if unknown:
+        raise FrameError(
+            "invalid_parameter", f"unknown parameter {unknown[0]!r} in 'params'", frame_id
+        )
+    try:
+        params = parse_request_params(raw_params)
+    except ApiError as err:
+        raise FrameError.from_api_error(err, frame_id) from None
+    return ChatFrame(content=content, id=frame_id, session_id=session_id, params=params)
+
+
+def session_frame(session_id: str) -> dict[str, Any]:
+    return {"type": "session", "session_id": session_id}
+
+
+def token_frame(message_id: str, content: str) -> dict[str, Any]:
+    return {"type": "token", "id": message_id, "content": content}
+
+
+def done_frame(
+    message_id: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    return {
+        "type": "done",
+        "id": message_id,
+        "finish_reason": finish_reason,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+    }
+
+
+def error_frame(code: str, message: str, message_id: str | None = None) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "error"}
+    if message_id is not None:
+        frame["id"] = message_id
+    frame["code"] = code
+    frame["message"] = message
+    return frame
+
+
+def encode(frame: dict[str, Any]) -> str:
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))

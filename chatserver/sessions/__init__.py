@@ -1,0 +1,20 @@
+"""Conversation store: in-process memory (default) or Redis, picked by settings.redis_url."""
+
+from __future__ import annotations
+
+from chatserver.config import Settings
+from chatserver.sessions.base import SessionStore, SessionStoreUnavailable
+
+
+def open_store(settings: Settings) -> SessionStore:
+    """The store the settings ask for; the caller closes it."""
+    if settings.redis_url:
+        from chatserver.sessions.redis import RedisSessionStore
+
+        return RedisSessionStore(settings.redis_url, ttl=settings.session_ttl)
+    from chatserver.sessions.memory import MemorySessionStore
+
+    return MemorySessionStore(ttl=settings.session_ttl)
+
+
+__all__ = ["SessionStore", "SessionStoreUnavailable", "open_store"]

@@ -1,0 +1,56 @@
+"""Chat prompts: template, truncation from the oldest turns, context errors."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from chatserver.errors import ApiError
+from chatserver.models.prompt import build_prompt, render
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def conversation(turns: int) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": "Be brief."}]
+    for i in range(turns):
+        msgs.append({"role": "user", "content": f"Question number {i}: " + "word " * 30})
+        msgs.append({"role": "assistant", "content": f"Answer number {i}: " + "word " * 30})
+    msgs.append({"role": "user", "content": "The newest question?"})
+    return msgs
+
+
+def test_fits_untouched(tokenizer):
+    msgs = conversation(2)
+    prompt = build_prompt(tokenizer, msgs, 16, 4096, truncate=True)
+    assert prompt.ids == render(tokenizer, msgs) and prompt.dropped_turns == 0
+    assert prompt.max_new_tokens == 16
+
+
+def test_truncates_oldest_turns_keeping_system_and_newest(tokenizer):
+    msgs = conversation(10)
+    prompt = build_prompt(tokenizer, msgs, 64, 400, truncate=True)
+    text = tokenizer.decode(prompt.ids)
+    assert len(prompt.ids) + 64 <= 400
+    assert prompt.dropped_turns > 0 and prompt.dropped_turns % 2 == 0
+    assert "Be brief." in text and "The newest question?" in text
+    assert "Question number 0:" not in text and "Answer number 9:" in text
+
+
+def test_too_long_message_is_a_clear_error(tokenizer):
+    msgs = [{"role": "user", "content": "word " * 600}]
+    with pytest.raises(ApiError) as err:
+        build_prompt(tokenizer, msgs, 16, 256, truncate=True)
+    assert err.value.status == 400 and err.value.code == "context_length_exceeded"
+
+
+def test_without_truncation_long_history_is_an_error_not_a_cut(tokenizer):
+    with pytest.raises(ApiError):
+        build_prompt(tokenizer, conversation(10), 16, 300, truncate=False)
+
+
+def test_reply_room_is_capped_by_context(tokenizer):
+    msgs = [{"role": "user", "content": "hi"}]
+    prompt = build_prompt(tokenizer, msgs, 10_000, 100, truncate=True)
+    assert prompt.max_new_tokens == 100 - len(prompt.ids)

@@ -1,0 +1,120 @@
+"""chatserver.protocol.ws: the WebSocket frames, parsed and built without a socket."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chatserver.protocol.sampling import RequestParams
+from chatserver.protocol.ws import (
+    CancelFrame,
+    ChatFrame,
+    FrameError,
+    done_frame,
+    encode,
+    error_frame,
+    parse_client_frame,
+    session_frame,
+    token_frame,
+)
+
+LIMIT = 1024
+
+
+def parse(obj: object) -> object:
+    return parse_client_frame(json.dumps(obj), LIMIT)
+
+
+def refused(text: str, limit: int = LIMIT) -> FrameError:
+    with pytest.raises(FrameError) as info:
+        parse_client_frame(text, limit)
+    return info.value
+
+
+def test_chat_frame_minimal() -> None:
+    assert parse({"type": "chat", "content": "hi"}) == ChatFrame(content="hi")
+
+
+def test_chat_frame_full() -> None:
+    frame = parse(
+        {
+            "type": "chat",
+            "content": "hi",
+            "id": "a1",
+            "session_id": "s1",
+            "params": {"max_tokens": 8, "temperature": 0, "stop": ["\n"], "seed": 3},
+        }
+    )
+    assert frame == ChatFrame(
+        content="hi",
+        id="a1",
+        session_id="s1",
+        params=RequestParams(max_tokens=8, temperature=0.0, stop=("\n",), seed=3),
+    )
+
+
+def test_cancel_frames() -> None:
+    assert parse({"type": "cancel"}) == CancelFrame(None)
+    assert parse({"type": "cancel", "id": "x"}) == CancelFrame("x")
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("{not json", "invalid_json"),
+        ("[1, 2]", "invalid_frame"),
+        ('"chat"', "invalid_frame"),
+        ('{"type": "hello"}', "unknown_type"),
+        ('{"content": "no type"}', "invalid_field"),
+        ('{"type": 3}', "invalid_field"),
+        ('{"type": "chat"}', "invalid_field"),
+        ('{"type": "chat", "content": ""}', "invalid_field"),
+        ('{"type": "chat", "content": 5}', "invalid_field"),
+        ('{"type": "chat", "content": "x", "id": 7}', "invalid_field"),
+        ('{"type": "chat", "content": "x", "session_id": ["s"]}', "invalid_field"),
+        ('{"type": "chat", "content": "x", "params": []}', "invalid_field"),
+        ('{"type": "chat", "content": "x", "params": {"max_token": 3}}', "invalid_parameter"),
+        ('{"type": "chat", "content": "x", "params": {"temperature": 9}}', "invalid_parameter"),
+        ('{"type": "chat", "content": "x", "params": {"max_tokens": "8"}}', "invalid_parameter"),
+        ('{"type": "chat", "content": "x", "params": {"top_p": -1}}', "invalid_parameter"),
+        ('{"type": "chat", "content": "x", "params": {"stop": [1]}}', "invalid_parameter"),
+    ],
+)
+def test_bad_frames(text: str, code: str) -> None:
+    assert refused(text).code == code
+
+
+def test_errors_name_the_message_they_refuse() -> None:
+    err = refused('{"type": "chat", "id": "q7", "content": "x", "params": {"top_k": -2}}')
+    assert err.frame() == {
+        "type": "error",
+        "id": "q7",
+        "code": "invalid_parameter",
+        "message": err.message,
+    }
+    assert "top_k" in err.message
+
+
+def test_frame_limit_counts_bytes() -> None:
+    text = json.dumps({"type": "chat", "content": "é" * 600}, ensure_ascii=False)
+    assert len(text) < LIMIT < len(text.encode())
+    assert refused(text).code == "frame_too_large"
+    assert isinstance(parse_client_frame(text, 2 * LIMIT), ChatFrame)
+
+
+def test_builders() -> None:
+    assert session_frame("s") == {"type": "session", "session_id": "s"}
+    assert token_frame("m1", "Hel") == {"type": "token", "id": "m1", "content": "Hel"}
+    assert done_frame("m1", "length", 12, 8) == {
+        "type": "done",
+        "id": "m1",
+        "finish_reason": "length",
+        "usage": {"prompt_tokens": 12, "completion_tokens": 8},
+    }
+    assert error_frame("queue_full", "full") == {
+        "type": "error",
+        "code": "queue_full",
+        "message": "full",
+    }
+    assert json.loads(encode(token_frame("m", "ünï"))) == token_frame("m", "ünï")
