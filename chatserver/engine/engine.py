@@ -11,6 +11,7 @@ Public API used by the API layer:
     engine = InferenceEngine(settings)
     await engine.start()            # loads tokenizer, spawns workers; returns at once
     engine.ready -> bool            # True once every worker has loaded the model
+    engine.failure -> str | None    # why a worker could not load the model, if one could not
     prompt = await engine.chat_prompt(messages, max_tokens, truncate=True)
     stream = engine.generate(prompt, request_params)
     async with stream:              # leaving the block early cancels the sequence

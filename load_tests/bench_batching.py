@@ -1,0 +1,267 @@
+"""Issue 3's benchmark: does continuous batching scale, and does the server stay responsive?
+
+Drives one server through its streaming API at rising concurrency (default 1, 4, 16, 32,
+64) with 64-token greedy replies (temperature 0) to distinct prompts, and prints a
+markdown table: aggregate output tokens/s and its ratio to the first level, TTFT and ITL
+p50/p99, and ``/healthz`` p50/p99 from a prober running alongside the load. Before the
+load it measures the idle server's CPU use (% of one core over ``--idle-seconds``, from
+``/proc`` of the server and its children).
+
+    python -m load_tests.bench_batching                          # starts its own server
+    python -m load_tests.bench_batching --server-args "--engine gpu --max-batch 32"
+    python -m load_tests.bench_batching --url http://127.0.0.1:8080 --pid 1234
+
+Every level is bounded: ``max(rounds * concurrency, min-requests)`` requests and at most
+``--level-duration`` seconds. Loopback servers only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from load_tests.cli import (
+    errors_cell,
+    int_list,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    run_async,
+    say,
+    write_json,
+)
+from load_tests.guard import check_url
+from load_tests.prompts import BUILTIN_PROMPTS, load_prompts
+from load_tests.runner import LoadSpec, WarmupFailed, run_pass, warm_server
+from load_tests.server import LaunchedServer, measure_idle_cpu
+from load_tests.stats import markdown_table
+
+STREAMING_MODES = ("ws", "openai")
+HEADERS = (
+    "concurrency",
+    "requests",
+    "full-length",
+    "out tok/s",
+    "vs first level",
+    "TTFT p50 ms",
+    "TTFT p99 ms",
+    "ITL p50 ms",
+    "ITL p99 ms",
+    "/healthz p50 ms",
+    "/healthz p99 ms",
+    "errors",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m load_tests.bench_batching",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--url", help="drive this running server (loopback only)")
+    target.add_argument(
+        "--start", action="store_true", help="start a server itself (the default without --url)"
+    )
+    p.add_argument("--server-args", default="", help="extra `chatserver serve` flags for --start")
+    p.add_argument("--pid", type=int, help="the --url server's pid, for the idle CPU measurement")
+    p.add_argument("--mode", choices=STREAMING_MODES, default="ws", help="streaming API to drive")
+    p.add_argument("--levels", type=int_list, default=[1, 4, 16, 32, 64], help="concurrencies")
+    p.add_argument("--max-tokens", type=positive_int, default=64, help="tokens per reply")
+    p.add_argument("--rounds", type=positive_int, default=2, help="requests per worker per level")
+    p.add_argument("--min-requests", type=positive_int, default=8, help="least requests a level")
+    p.add_argument("--level-duration", type=positive_float, default=180.0, help="cap, s a level")
+    p.add_argument("--probe-rate", type=positive_float, default=20.0, help="/healthz probes a s")
+    p.add_argument("--idle-seconds", type=non_negative_float, default=10.0, help="0: skip")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured requests before all")
+    p.add_argument("--timeout", type=positive_float, default=180.0, help="per-request seconds")
+    p.add_argument("--ready-timeout", type=positive_float, default=300.0, help="for --start")
+    p.add_argument("--prompts", type=Path, help='JSONL file of {"prompt": ...} lines')
+    p.add_argument("--json", type=Path, help="write the results as JSON here")
+    p.add_argument("--plot", type=Path, help="PNG of latency and throughput vs concurrency")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def server_info(url: str) -> dict[str, Any]:
+    """What ``/healthz`` says about the server (model, engine...), for the record."""
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError):
+        return {}
+
+
+def level_requests(concurrency: int, rounds: int, min_requests: int) -> int:
+    return max(rounds * concurrency, min_requests)
+
+
+def run_levels(url: str, args: argparse.Namespace, prompts: Sequence[str]) -> list[dict]:
+    summaries = []
+    for c in args.levels:
+        spec = LoadSpec(
+            concurrency=c,
+            requests=level_requests(c, args.rounds, args.min_requests),
+            duration=args.level_duration,
+            max_tokens=args.max_tokens,
+        )
+        summary = run_async(
+            run_pass(
+                url,
+                args.mode,
+                spec,
+                prompts,
+                request_timeout=args.timeout,
+                warmup=0,
+                probe_rate=args.probe_rate,
+                progress=not args.no_progress,
+                desc=f"c={c}",
+            )
+        )
+        summaries.append(summary)
+    return summaries
+
+
+def report_table(summaries: Sequence[dict[str, Any]]) -> str:
+    base = summaries[0]["output_throughput"] if summaries else 0.0
+    rows = []
+    for s in summaries:
+        health = s["healthz"]["latency_ms"]
+        rows.append(
+            (
+                s["concurrency"],
+                f"{s['completed']}/{s['requests']}",
+                f"{s['full_length']}/{s['completed']}",
+                s["output_throughput"],
+                f"{s['output_throughput'] / base:.2f}x" if base else "n/a",
+                s["ttft_ms"]["p50"],
+                s["ttft_ms"]["p99"],
+                s["itl_ms"]["p50"],
+                s["itl_ms"]["p99"],
+                health["p50"],
+                health["p99"],
+                errors_cell({**s["errors"], **_prefixed(s["healthz"]["errors"])}),
+            )
+        )
+    headers = list(HEADERS)
+    if summaries:
+        headers[4] = f"vs c={summaries[0]['concurrency']}"
+    return markdown_table(headers, rows)
+
+
+def _prefixed(probe_errors: dict[str, int]) -> dict[str, int]:
+    return {f"healthz {k}": v for k, v in probe_errors.items()}
+
+
+def notes(summaries: Sequence[dict[str, Any]], max_tokens: int) -> list[str]:
+    out = [
+        f"out tok/s counts every completed reply's tokens (server usage); full-length = "
+        f"replies of all {max_tokens} tokens. TTFT includes the connection.",
+    ]
+    short = sum(s["completed"] - s["full_length"] for s in summaries)
+    if short:
+        out.append(
+            f"note: {short} {'reply' if short == 1 else 'replies'} ended before {max_tokens} "
+            "tokens (the model chose to stop); their tokens are counted, so per-level "
+            f"output is a little under requests x {max_tokens}."
+        )
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        prompts = load_prompts(args.prompts) if args.prompts else list(BUILTIN_PROMPTS)
+        url = check_url(args.url) if args.url else None
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+
+    server = None
+    if url is None:
+        server = LaunchedServer(shlex.split(args.server_args), ready_timeout=args.ready_timeout)
+        say(f"starting: {shlex.join(server.command)}")
+        try:
+            server.start()
+        except (RuntimeError, TimeoutError) as e:
+            say(f"bench_batching: {e}")
+            return 1
+        url, pid = server.url, server.pid
+    else:
+        pid = args.pid
+    try:
+        info = server_info(url)
+        say(f"server {url}: {json.dumps(info)}")
+        try:  # first-use costs (model warm-up, thread pools) are not what we measure
+            if args.warmup:
+                run_async(warm_server(url, args.mode, args.warmup, request_timeout=args.timeout))
+        except WarmupFailed as e:
+            say(f"bench_batching: {url}: {e}")
+            return 1
+        idle = None
+        if pid and args.idle_seconds > 0:
+            say(f"measuring idle CPU of pid {pid} and children for {args.idle_seconds:.0f}s")
+            try:
+                idle = measure_idle_cpu(pid, args.idle_seconds)
+            except OSError as e:  # no such pid, or no /proc here
+                say(f"idle CPU not measured: {e}")
+        summaries = run_levels(url, args, prompts)
+    finally:
+        if server is not None:
+            server.stop()
+
+    print(
+        f"## bench_batching: {args.mode} API, {args.max_tokens}-token greedy replies, "
+        f"/healthz probed at {args.probe_rate:g}/s\n"
+    )
+    print(report_table(summaries))
+    print()
+    for line in notes(summaries, args.max_tokens):
+        print(line)
+    if idle is not None:
+        print(
+            f"idle CPU: {idle['percent_of_one_core']:.2f}% of one core over "
+            f"{idle['seconds']:.1f}s (pid {idle['pid']} and {idle['processes'] - 1} "
+            "descendants, no traffic)"
+        )
+    else:
+        print("idle CPU: not measured (give --pid with --url, or let it --start the server)")
+
+    if args.json:
+        write_json(
+            args.json,
+            {
+                "tool": "bench_batching",
+                "url": url,
+                "server": info,
+                "server_args": args.server_args if server else None,
+                "config": {
+                    "mode": args.mode,
+                    "levels": args.levels,
+                    "max_tokens": args.max_tokens,
+                    "temperature": 0,
+                    "rounds": args.rounds,
+                    "min_requests": args.min_requests,
+                    "probe_rate": args.probe_rate,
+                },
+                "idle_cpu": idle,
+                "levels": summaries,
+            },
+        )
+    if args.plot:
+        from load_tests.plot import plot_sweep
+
+        plot_sweep(summaries, args.plot, title=f"bench_batching ({args.mode})")
+        say(f"wrote {args.plot}")
+    return 0 if all(s["completed"] for s in summaries) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
