@@ -9,8 +9,9 @@ SIGTERM. Output: a markdown table, ``--json`` and a ``--plot`` PNG.
     python -m load_tests.strategies --engines thread,gpu --concurrency 16 --requests 64
 
 Strategies: ``inline`` (model on the event loop: the loop stalls), ``thread`` (a thread,
-GIL-bound), ``pool`` with ``--max-batch 1`` (worker processes, no batching) and ``gpu``
-(the batching worker; on a machine without CUDA it runs on the CPU). The default
+GIL-bound), ``pool`` (worker processes), all three one sequence at a time
+(``--max-batch 1``), and ``gpu`` (the batching worker; on a machine without CUDA it runs
+on the CPU). ``inline-batch`` and ``thread-batch`` host the batching loop in-process. The default
 workload (8 concurrent, 32 requests of 32 tokens) finishes in a few minutes on 2 cores.
 """
 
@@ -38,11 +39,15 @@ from load_tests.stats import markdown_table
 
 # name -> (label, chatserver serve flags)
 STRATEGIES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "inline": ("inline", ("--engine", "inline")),
-    "thread": ("thread", ("--engine", "thread")),
+    "inline": ("inline, no batching", ("--engine", "inline", "--max-batch", "1")),
+    "thread": ("thread, no batching", ("--engine", "thread", "--max-batch", "1")),
     "pool": ("pool, no batching", ("--engine", "pool", "--max-batch", "1")),
     "gpu": ("gpu worker, batching", ("--engine", "gpu")),
+    # The same batching loop hosted in-process, to separate "where" from "batching".
+    "inline-batch": ("inline, batching", ("--engine", "inline")),
+    "thread-batch": ("thread, batching", ("--engine", "thread")),
 }
+DEFAULT_STRATEGIES = ("inline", "thread", "pool", "gpu")
 HEADERS = (
     "strategy",
     "server flags",
@@ -74,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
-        "--engines", type=engine_list, default=list(STRATEGIES), help="comma-separated subset"
+        "--engines",
+        type=engine_list,
+        default=list(DEFAULT_STRATEGIES),
+        help="comma-separated subset",
     )
     p.add_argument("--mode", choices=("ws", "query", "openai"), default="ws", help="API to drive")
     p.add_argument("--concurrency", type=positive_int, default=8, help="requests in flight")

@@ -115,7 +115,9 @@ def build_core(worker_id: int, config: WorkerConfig) -> tuple[WorkerCore, Worker
     load_dtype = torch.float32 if int8 else TORCH_DTYPES[config.dtype]
     source = ModelSource(config.model_id, config.model_path, True)
     model = load_model(source, load_dtype, config.device)
-    runner = build_runner(model, config.max_context, int8=int8 and config.device == "cpu")
+    runner = build_runner(
+        model, config.max_context, int8=int8 and config.device == "cpu", slots=config.max_batch
+    )
     dtype = config.dtype if isinstance(runner, LlamaRunner) or not int8 else "float32"
     log.info(
         "worker %d: %s on %s (%s, runner %s) ready in %.1fs",
