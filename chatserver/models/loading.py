@@ -7,7 +7,6 @@ error says so instead of a stack of HTTP retries).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,7 +74,3 @@ def load_model(source: ModelSource, dtype: Any, device: str) -> Any:
     model.requires_grad_(False)
     return model.to(torch.device(device))
 
-
-def offline_unless_configured() -> None:
-    """Fail fast instead of retrying a hub that cannot be reached, unless the user set it."""
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
