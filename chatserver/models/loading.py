@@ -7,9 +7,12 @@ error says so instead of a stack of HTTP retries).
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 
 class ModelNotFound(RuntimeError):
@@ -49,9 +52,27 @@ def _hub_error(source: ModelSource, exc: Exception) -> ModelNotFound:
     )
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_tokenizer(source: ModelSource) -> Any:
     from transformers import AutoTokenizer
 
+    if not source.local and not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
+        # Use the local hub cache only, instead of a minute of retries; worker
+        # processes inherit this.
+        from huggingface_hub import constants
+
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        constants.HF_HUB_OFFLINE = True  # read at import time; set it here too
     try:
         return AutoTokenizer.from_pretrained(source.path)
     except OSError as exc:
@@ -73,4 +94,3 @@ def load_model(source: ModelSource, dtype: Any, device: str) -> Any:
     model.eval()
     model.requires_grad_(False)
     return model.to(torch.device(device))
-

@@ -30,6 +30,7 @@ our worker loop, and it offers no int8 path (our CPU default).
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -338,6 +339,9 @@ class HFRunner:
         self.dtype = next(model.parameters()).dtype
         self.max_context = max_context
         self.caches: dict[int, Any] = {}
+        # transformers >= 5.2x names the argument `cache`; older ones `past_key_values`.
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Caches are per sequence, not per slot: nothing to move."""
@@ -353,7 +357,7 @@ class HFRunner:
         for it in items:
             cache = self.caches.setdefault(it.seq_id, DynamicCache())
             ids = torch.tensor([it.token_ids], device=self.device)
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=ids, use_cache=True, **{self.cache_arg: cache})
             if it.wants_logits:
                 logits.append(out.logits[0, -1].float())
         if not logits:
