@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -63,3 +64,22 @@ class ServerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+async def generations(server: ServerProcess) -> int:
+    """Generations under way on the server, as /readyz counts them."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async with http.get(server.url + "/readyz") as r:
+            return (await r.json())["generations"]
+
+
+async def wait_no_generations(server: ServerProcess, within: float = 5.0) -> None:
+    """The server cancels a reply whose client left: nothing stays running."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not await generations(server):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"a generation still runs {within}s after its client left")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +13,7 @@ from openai import AsyncOpenAI
 
 from chatserver.api.openai.protocol import parse_chat_completion
 from chatserver.errors import ApiError
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, generations, wait_no_generations
 
 MODEL = "SmolLM2-135M-Instruct"
 HELLO = [{"role": "user", "content": "Say hello."}]
@@ -27,23 +25,6 @@ async def client(server: ServerProcess) -> AsyncIterator[AsyncOpenAI]:
         base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120
     ) as c:
         yield c
-
-
-async def generations(server: ServerProcess) -> int:
-    """Generations under way on the server, as /readyz counts them."""
-    async with aiohttp.ClientSession() as http:
-        async with http.get(server.url + "/readyz") as r:
-            return (await r.json())["generations"]
-
-
-async def wait_no_generations(server: ServerProcess, within: float = 5.0) -> None:
-    """The server cancels a reply whose client left: nothing stays running."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if not await generations(server):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"a generation still runs {within}s after its client left")
 
 
 # --- the request schema, without a server ----------------------------------------

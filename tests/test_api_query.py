@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,24 +11,7 @@ import pytest
 
 from chatserver.api.chat.protocol import parse_query
 from chatserver.errors import ApiError
-from tests.serverproc import ServerProcess
-
-
-async def generations(server: ServerProcess) -> int:
-    """Generations under way on the server, as /readyz counts them."""
-    async with aiohttp.ClientSession() as http:
-        async with http.get(server.url + "/readyz") as r:
-            return (await r.json())["generations"]
-
-
-async def wait_no_generations(server: ServerProcess, within: float = 5.0) -> None:
-    """The server cancels a reply whose client left: nothing stays running."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if not await generations(server):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"a generation still runs {within}s after its client left")
+from tests.serverproc import ServerProcess, generations, wait_no_generations
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import websockets
 
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, generations, wait_no_generations
 
 TIMEOUT = 120.0
 
@@ -38,23 +38,6 @@ async def answer(ws: Any, message_id: str) -> tuple[str, dict[str, Any], list[di
                 f["content"] for f in frames if f["type"] == "token" and f["id"] == message_id
             )
             return text, frame, frames
-
-
-async def generations(server: ServerProcess) -> int:
-    """Generations under way on the server, as /readyz counts them."""
-    async with aiohttp.ClientSession() as http:
-        async with http.get(server.url + "/readyz") as r:
-            return (await r.json())["generations"]
-
-
-async def wait_no_generations(server: ServerProcess, within: float = 5.0) -> None:
-    """The server cancels a reply whose client left: nothing stays running."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if not await generations(server):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"a generation still runs {within}s after its client left")
 
 
 async def history(server: ServerProcess, session_id: str) -> list[dict[str, Any]]:

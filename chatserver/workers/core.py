@@ -17,6 +17,8 @@ from chatserver.models.sampling import Sampler
 from chatserver.protocol.worker import (
     CancelRequest,
     GenerateRequest,
+    ServerToWorker,
+    Shutdown,
     StepOutput,
     WorkerConfig,
     WorkerReady,
@@ -61,6 +63,14 @@ class WorkerCore:
         self.scheduler.remove(seq)
         self._forget(seq.seq_id)
         self.pending_finished.append((seq.seq_id, "cancelled"))
+
+    def apply(self, msg: ServerToWorker) -> bool:
+        """Take one message from the server; False means shut down."""
+        if isinstance(msg, GenerateRequest):
+            self.submit(msg)
+        elif isinstance(msg, CancelRequest):
+            self.cancel(msg)
+        return not isinstance(msg, Shutdown)
 
     def _forget(self, seq_id: int) -> None:
         self.runner.release(seq_id)

@@ -16,8 +16,6 @@ import threading
 from collections.abc import Callable
 
 from chatserver.protocol.worker import (
-    CancelRequest,
-    GenerateRequest,
     ServerToWorker,
     Shutdown,
     WorkerConfig,
@@ -27,14 +25,6 @@ from chatserver.protocol.worker import (
 from chatserver.workers.core import WorkerCore, build_core
 
 log = logging.getLogger(__name__)
-
-
-def _apply(core: WorkerCore, msg: ServerToWorker) -> bool:
-    if isinstance(msg, GenerateRequest):
-        core.submit(msg)
-    elif isinstance(msg, CancelRequest):
-        core.cancel(msg)
-    return not isinstance(msg, Shutdown)
 
 
 class ThreadWorker:
@@ -63,10 +53,10 @@ class ThreadWorker:
                 return
             loop.call_soon_threadsafe(on_message, ready)
             while True:
-                if not core.has_work and not _apply(core, self._inbox.get()):
+                if not core.has_work and not core.apply(self._inbox.get()):
                     return
                 while not self._inbox.empty():
-                    if not _apply(core, self._inbox.get()):
+                    if not core.apply(self._inbox.get()):
                         return
                 out = core.step()
                 if out.tokens or out.finished:
@@ -123,7 +113,7 @@ class InlineWorker:
 
     def send(self, msg: ServerToWorker) -> None:
         if self._core is not None:
-            _apply(self._core, msg)
+            self._core.apply(msg)
             self._wake.set()
 
     async def stop(self, grace: float = 10.0) -> None:

@@ -22,8 +22,6 @@ from multiprocessing.connection import Connection
 import torch.multiprocessing as mp
 
 from chatserver.protocol.worker import (
-    CancelRequest,
-    GenerateRequest,
     ServerToWorker,
     Shutdown,
     WorkerConfig,
@@ -51,21 +49,12 @@ def worker_main(worker_id: int, config: WorkerConfig, conn: Connection, log_leve
         return
     conn.send(ready)
 
-    def handle(msg: ServerToWorker) -> bool:
-        if isinstance(msg, GenerateRequest):
-            core.submit(msg)
-        elif isinstance(msg, CancelRequest):
-            core.cancel(msg)
-        elif isinstance(msg, Shutdown):
-            return False
-        return True
-
     try:
         while True:
-            if not core.has_work and not handle(conn.recv()):
+            if not core.has_work and not core.apply(conn.recv()):
                 return
             while conn.poll():
-                if not handle(conn.recv()):
+                if not core.apply(conn.recv()):
                     return
             out = core.step()
             if out.tokens or out.finished:
