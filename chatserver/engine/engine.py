@@ -50,6 +50,7 @@ from chatserver.protocol.worker import (
     WorkerReady,
     WorkerToServer,
 )
+from chatserver.workers.host import WorkerHost
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class InferenceEngine:
         self._executor = ThreadPoolExecutor(
             settings.tokenizer_threads, thread_name_prefix="tokenizer"
         )
-        self._workers: dict[int, Any] = {}
+        self._workers: dict[int, WorkerHost] = {}
         self._ready: set[int] = set()
         self._load: dict[int, int] = defaultdict(int)
         self._streams: dict[int, GenerationStream] = {}
@@ -245,7 +246,7 @@ class InferenceEngine:
             for _ in range(count)
         ]
 
-    def _hosts(self, configs: list[WorkerConfig]) -> dict[int, Any]:
+    def _hosts(self, configs: list[WorkerConfig]) -> dict[int, WorkerHost]:
         from chatserver.workers.local import InlineWorker, ThreadWorker
         from chatserver.workers.process import ProcessWorker
 
