@@ -17,7 +17,7 @@ DEFAULT_MODELS_DIR = Path(os.environ.get("CHATSERVER_MODELS_DIR", REPO_ROOT / "m
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 ENGINES = ("auto", "gpu", "pool", "thread", "inline")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 
 
 def _env_name(name: str) -> str:
@@ -53,8 +53,8 @@ class Settings:
     dtype: str = field(
         default="auto",
         metadata={
-            "help": "weight dtype: auto (bfloat16 on CUDA; measured default on CPU), "
-            "float32, bfloat16, float16",
+            "help": "weights: auto (bfloat16 on CUDA, int8 on CPU: measured, see README "
+            "Precision), float32, bfloat16, float16, int8 (CPU only; bfloat16 on CUDA)",
             "choices": DTYPES,
         },
     )

@@ -78,3 +78,16 @@ def test_generic_runner_matches_generate(model_dir: Path):
             expected = expected[: expected.index(2) + 1]
         assert outputs[i] == expected
     assert not core.runner.caches  # finished sequences free their caches
+
+
+def test_dtype_flag_accepts_every_documented_precision():
+    from chatserver.config import DTYPES, Settings
+
+    assert set(DTYPES) == {"auto", "float32", "bfloat16", "float16", "int8"}
+    assert Settings.from_env(dtype="int8").dtype == "int8"
+    result = subprocess.run(
+        [sys.executable, "-m", "chatserver", "serve", "--dtype", "int4"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "invalid choice" in result.stderr

@@ -121,14 +121,17 @@ def build_core(worker_id: int, config: WorkerConfig) -> tuple[WorkerCore, Worker
     started = time.monotonic()
     if config.threads > 0 and config.device == "cpu":
         torch.set_num_threads(config.threads)
-    int8 = config.dtype == "int8"
-    load_dtype = torch.float32 if int8 else TORCH_DTYPES[config.dtype]
+    dtype = config.dtype
+    if dtype == "int8" and config.device != "cpu":
+        log.warning("int8 weights use CPU kernels; loading bfloat16 on %s instead", config.device)
+        dtype = "bfloat16"
+    int8 = dtype == "int8"
+    load_dtype = torch.float32 if int8 else TORCH_DTYPES[dtype]
     source = ModelSource(config.model_id, config.model_path, True)
     model = load_model(source, load_dtype, config.device)
-    runner = build_runner(
-        model, config.max_context, int8=int8 and config.device == "cpu", slots=config.max_batch
-    )
-    dtype = config.dtype if isinstance(runner, LlamaRunner) or not int8 else "float32"
+    runner = build_runner(model, config.max_context, int8=int8, slots=config.max_batch)
+    if int8 and not isinstance(runner, LlamaRunner):
+        dtype = "float32"  # the generic runner has no int8 path
     log.info(
         "worker %d: %s on %s (%s, runner %s) ready in %.1fs",
         worker_id,
