@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 # with perplexity within ~5% of fp32 and the test prompts answered the same.
 CPU_DEFAULT_DTYPE = "int8"
 _END = object()
+# A worker that keeps dying (out of memory at load, say) is not restarted forever.
+MAX_RESTARTS = 3
+RESTART_WINDOW_S = 60.0
 
 
 class GenerationStream:
@@ -148,6 +151,7 @@ class InferenceEngine:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._source: ModelSource | None = None
+        self._restarts: list[float] = []
 
     # --- lifecycle ---------------------------------------------------------
     @property
@@ -346,6 +350,11 @@ class InferenceEngine:
         log.error("worker %d exited; failing its streams and restarting it", worker_id)
         for stream in [s for s in self._streams.values() if s.worker_id == worker_id]:
             self._finish(stream, "error")
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S] + [now]
+        if len(self._restarts) > MAX_RESTARTS:
+            self.failure = f"workers died {len(self._restarts)} times in {RESTART_WINDOW_S:.0f}s; not restarting"
+            log.error(self.failure)
         if self.failure is None and self._loop is not None:
             old = self._workers[worker_id]
             host = type(old)(worker_id, old.config)
