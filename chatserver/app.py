@@ -84,9 +84,9 @@ async def _engine(app: web.Application) -> AsyncIterator[None]:
         await engine.stop()  # no worker outlives a failed start
         raise
     app[ENGINE] = engine
-    # torch + transformers leave millions of long-lived objects; a full
-    # collection over them stalls the loop for tens of ms under load. Freezing
-    # moves them out of the collector's view.
+    # torch + transformers leave millions of long-lived objects; freezing moves
+    # them out of the collector's view. Measured (README, Benchmarks): /healthz
+    # p99 at 16 concurrent streams 114 ms without, 2-7 ms with.
     gc.collect()
     gc.freeze()
     yield

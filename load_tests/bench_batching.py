@@ -23,10 +23,10 @@ import shlex
 import sys
 import urllib.request
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from load_tests.cli import (
+    add_benchmark_args,
     errors_cell,
     int_list,
     non_negative_float,
@@ -78,15 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=positive_int, default=2, help="requests per worker per level")
     p.add_argument("--min-requests", type=positive_int, default=8, help="least requests a level")
     p.add_argument("--level-duration", type=positive_float, default=180.0, help="cap, s a level")
-    p.add_argument("--probe-rate", type=positive_float, default=20.0, help="/healthz probes a s")
     p.add_argument("--idle-seconds", type=non_negative_float, default=10.0, help="0: skip")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured requests before all")
-    p.add_argument("--timeout", type=positive_float, default=180.0, help="per-request seconds")
-    p.add_argument("--ready-timeout", type=positive_float, default=300.0, help="for --start")
-    p.add_argument("--prompts", type=Path, help='JSONL file of {"prompt": ...} lines')
-    p.add_argument("--json", type=Path, help="write the results as JSON here")
-    p.add_argument("--plot", type=Path, help="PNG of latency and throughput vs concurrency")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_benchmark_args(p, plot_help="PNG of latency and throughput vs concurrency")
     return p
 
 

@@ -68,3 +68,14 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
 def say(*parts: object) -> None:
     """Progress notes go to stderr, so stdout is the report alone."""
     print(*parts, file=sys.stderr, flush=True)
+
+
+def add_benchmark_args(p: argparse.ArgumentParser, plot_help: str) -> None:
+    """Options every benchmark script shares: probing, timeouts, prompts, outputs."""
+    p.add_argument("--probe-rate", type=positive_float, default=20.0, help="/healthz probes a s")
+    p.add_argument("--timeout", type=positive_float, default=180.0, help="per-request seconds")
+    p.add_argument("--ready-timeout", type=positive_float, default=300.0, help="server start")
+    p.add_argument("--prompts", type=Path, help='JSONL file of {"prompt": ...} lines')
+    p.add_argument("--json", type=Path, help="write the results as JSON here")
+    p.add_argument("--plot", type=Path, help=plot_help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -62,13 +62,7 @@ def plot_sweep(summaries: Sequence[dict[str, Any]], path: str | Path, title: str
             ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.grid(True, alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def plot_strategies(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -96,6 +90,10 @@ def plot_strategies(rows: Sequence[dict[str, Any]], path: str | Path, title: str
     for ax in (thr, ttft, health):
         ax.set_xticks(list(xs), names, rotation=15, fontsize="small")
         ax.grid(True, axis="y", alpha=0.3)
+    return _save(plt, fig, path, title)
+
+
+def _save(plt: Any, fig: Any, path: str | Path, title: str) -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -40,8 +40,10 @@ class LaunchedServer:
         port: int | None = None,
         ready_timeout: float = 300.0,
         stop_timeout: float = 30.0,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.args = list(args)
+        self.env = {**os.environ, **(env or {})}
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ready_timeout = ready_timeout
@@ -65,18 +67,32 @@ class LaunchedServer:
         assert self.proc is not None, "server not started"
         return self.proc.pid
 
-    def log_tail(self, lines: int = 40) -> str:
+    def log_text(self) -> str:
         try:
-            text = self.log_path.read_text(errors="replace")
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def start(self) -> LaunchedServer:
+        return self.spawn().wait_ready()
+
+    def spawn(self) -> LaunchedServer:
+        """Start the process without waiting for it to be ready."""
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
             )
+        return self
+
+    def wait_ready(self) -> LaunchedServer:
+        """Wait for /readyz 200; on failure the process is stopped and the log shown."""
         try:
             self._wait_ready()
         except BaseException:

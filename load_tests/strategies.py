@@ -21,10 +21,10 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from load_tests.cli import (
+    add_benchmark_args,
     errors_cell,
     positive_float,
     positive_int,
@@ -89,14 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=positive_int, default=32, help="requests per strategy")
     p.add_argument("--max-tokens", type=positive_int, default=32, help="tokens per reply")
     p.add_argument("--duration", type=positive_float, default=300.0, help="cap, s a strategy")
-    p.add_argument("--probe-rate", type=positive_float, default=20.0, help="/healthz probes a s")
     p.add_argument("--server-args", default="", help="extra `chatserver serve` flags for all")
-    p.add_argument("--timeout", type=positive_float, default=180.0, help="per-request seconds")
-    p.add_argument("--ready-timeout", type=positive_float, default=300.0, help="server start")
-    p.add_argument("--prompts", type=Path, help='JSONL file of {"prompt": ...} lines')
-    p.add_argument("--json", type=Path, help="write the results as JSON here")
-    p.add_argument("--plot", type=Path, help="PNG chart of the table")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_benchmark_args(p, plot_help="PNG chart of the table")
     return p
 
 

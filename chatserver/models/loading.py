@@ -52,10 +52,8 @@ def _hub_error(source: ModelSource, exc: Exception) -> ModelNotFound:
     )
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    url = urlparse(endpoint)
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout).close()
         return True
@@ -64,15 +62,15 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def load_tokenizer(source: ModelSource) -> Any:
+    from huggingface_hub import constants
     from transformers import AutoTokenizer
 
-    if not source.local and not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
-        # Use the local hub cache only, instead of a minute of retries; worker
-        # processes inherit this.
-        from huggingface_hub import constants
-
+    if not source.local and not constants.HF_HUB_OFFLINE and not _hub_reachable(constants.ENDPOINT):
+        # Use the local hub cache only, instead of a minute of retries. The
+        # constant is read at import time, so set it as well as the variable
+        # that worker processes inherit.
         os.environ["HF_HUB_OFFLINE"] = "1"
-        constants.HF_HUB_OFFLINE = True  # read at import time; set it here too
+        constants.HF_HUB_OFFLINE = True
     try:
         return AutoTokenizer.from_pretrained(source.path)
     except OSError as exc:

@@ -129,7 +129,7 @@ def build_core(worker_id: int, config: WorkerConfig) -> tuple[WorkerCore, Worker
     load_dtype = torch.float32 if int8 else TORCH_DTYPES[dtype]
     source = ModelSource(config.model_id, config.model_path, True)
     model = load_model(source, load_dtype, config.device)
-    runner = build_runner(model, config.max_context, int8=int8, slots=config.max_batch)
+    runner = build_runner(model, config.max_context, int8=int8)
     if int8 and not isinstance(runner, LlamaRunner):
         dtype = "float32"  # the generic runner has no int8 path
     log.info(

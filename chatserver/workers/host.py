@@ -19,9 +19,6 @@ class WorkerHost(Protocol):
     worker_id: int
     config: WorkerConfig
 
-    @property
-    def alive(self) -> bool: ...
-
     def start(
         self,
         loop: asyncio.AbstractEventLoop,

@@ -34,10 +34,6 @@ class ThreadWorker:
         self._inbox: queue.SimpleQueue[ServerToWorker] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def start(
         self,
         loop: asyncio.AbstractEventLoop,
@@ -83,10 +79,6 @@ class InlineWorker:
         self._core: WorkerCore | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-
-    @property
-    def alive(self) -> bool:
-        return self._task is not None and not self._task.done()
 
     def start(
         self,

@@ -71,10 +71,6 @@ class ProcessWorker:
         self._process: mp.Process | None = None
         self._conn: Connection | None = None
 
-    @property
-    def alive(self) -> bool:
-        return self._process is not None and self._process.is_alive()
-
     def start(
         self,
         loop: asyncio.AbstractEventLoop,
