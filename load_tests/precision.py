@@ -3,8 +3,9 @@
     python -m load_tests.precision
 
 Quality: perplexity of the default model on a fixed text (tests/data/
-quality_text.txt, first 512 tokens), and whether the test prompt is still
-answered correctly. Speed: decode throughput of a WorkerCore in this process
+quality_text.txt, first 512 tokens), scored in one prefill and again one token
+a step through the KV cache (the kernels a single stream decodes with, which
+differ for int8), and whether the test prompt is still answered correctly. Speed: decode throughput of a WorkerCore in this process
 (no server), one sequence and 16 sequences of 64 greedy tokens, prefill
 included. The CPU default dtype (engine.CPU_DEFAULT_DTYPE) is chosen from this.
 """
@@ -51,14 +52,16 @@ def main() -> None:
     prompts = [render(tokenizer, [{"role": "user", "content": p}]) for p in BUILTIN_PROMPTS[:16]]
     print(f"model {args.model_dir}, {args.threads} torch threads")
     print(
-        "| dtype | perplexity | vs float32 | capital of France? | 1 stream tok/s | 16 streams tok/s |"
+        "| dtype | perplexity | vs float32 | perplexity, decode | vs float32 "
+        "| capital of France? | 1 stream tok/s | 16 streams tok/s |"
     )
-    print("|---|---:|---:|---|---:|---:|")
+    print("|---|---:|---:|---:|---:|---|---:|---:|")
     reference = None
     for dtype in args.dtypes.split(","):
         config = WorkerConfig(args.model_dir, "m", "cpu", dtype, 2048, 16, 512, args.threads)
         core, _ = build_core(0, config)
         ppl = math.exp(core.runner.score(text_ids))
+        ppl_decode = math.exp(core.runner.score(text_ids, chunk=1))
         reference = reference or ppl
         core.submit(
             GenerateRequest(0, question, SamplingParams(max_tokens=12, stop_token_ids=(2,)))
@@ -71,6 +74,7 @@ def main() -> None:
         many = throughput(core, prompts, args.max_tokens)
         print(
             f"| {dtype} | {ppl:.2f} | {100 * (ppl / reference - 1):+.1f}% | "
+            f"{ppl_decode:.2f} | {100 * (ppl_decode / reference - 1):+.1f}% | "
             f"{'Paris' if correct else 'wrong'} | {one:.1f} | {many:.0f} |",
             flush=True,
         )

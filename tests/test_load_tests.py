@@ -349,3 +349,42 @@ def test_bench_batching_small(
     assert 0 <= report["idle_cpu"]["percent_of_one_core"] < 400
     stdout = capsys.readouterr().out
     assert "| concurrency |" in stdout and "idle CPU:" in stdout
+
+
+def test_random_model_keeps_config_and_tokenizer(model_dir: Path, tmp_path: Path) -> None:
+    """The GPU benchmark's stand-in model: same shapes and tokenizer, other weights, and it
+    runs through the worker like the real one."""
+    import torch
+    from safetensors import safe_open
+
+    from chatserver.protocol.worker import GenerateRequest, SamplingParams, WorkerConfig
+    from chatserver.workers.core import build_core
+    from load_tests.random_model import TOKENIZER_FILES, write_random_model
+
+    light = tmp_path / "light"  # what travels: config and tokenizer only
+    light.mkdir()
+    for name in ("config.json", *TOKENIZER_FILES):
+        if (model_dir / name).exists():
+            (light / name).write_bytes((model_dir / name).read_bytes())
+    out = write_random_model(light, tmp_path / "random")
+
+    assert (
+        json.loads((out / "config.json").read_text())["num_hidden_layers"]
+        == json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    )
+    assert (out / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
+    name = "model.layers.0.mlp.down_proj.weight"
+    with (
+        safe_open(out / "model.safetensors", "pt") as new,
+        safe_open(model_dir / "model.safetensors", "pt") as real,
+    ):
+        assert new.get_tensor(name).shape == real.get_tensor(name).shape
+        assert not torch.equal(new.get_tensor(name), real.get_tensor(name))
+
+    core, ready = build_core(0, WorkerConfig(str(out), "random", "cpu", "int8", 512, 4, 64, 2))
+    assert ready.runner == "llama-slots"
+    core.submit(GenerateRequest(1, [1, 2, 3, 4], SamplingParams(max_tokens=5)))
+    tokens = []
+    while core.has_work:
+        tokens += core.step().tokens
+    assert len(tokens) == 5

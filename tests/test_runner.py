@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from chatserver.models.prompt import render
 from chatserver.protocol.worker import CancelRequest, GenerateRequest, SamplingParams, WorkerConfig
 from chatserver.workers.core import build_core
-from chatserver.workers.runner import LlamaRunner, StepItem
+from chatserver.workers.runner import DownProjWeight, LlamaRunner, StepItem
 
 QUALITY_TEXT = Path(__file__).parent / "data" / "quality_text.txt"
 PROMPTS = [
@@ -138,5 +138,22 @@ def test_reduced_precision_quality(hf_model, tokenizer, dtype, model_dir):
     core, _ = build_core(0, WorkerConfig(str(model_dir), "m", "cpu", dtype, 1024, 4, 512, 2))
     reduced = math.exp(core.runner.score(ids))
     assert reduced / fp32 < 1.06, f"{dtype} perplexity {reduced:.2f} vs fp32 {fp32:.2f}"
+    if dtype == "int8":
+        # One token a step: the kernels a single stream decodes with (int8 down_proj).
+        decoded = math.exp(core.runner.score(ids, chunk=1))
+        assert decoded / fp32 < 1.06, f"int8 decode perplexity {decoded:.2f} vs fp32 {fp32:.2f}"
     answer = run_core(core, [chat_ids(tokenizer, PROMPTS[0])], 12)[0]
     assert "Paris" in tokenizer.decode(answer)
+
+
+def test_down_proj_kernels_agree_with_fp32():
+    """Both of down_proj's kernels (int8 for few rows, bf16 for many) stay near fp32."""
+    torch.manual_seed(0)
+    weight = torch.randn(576, 1536) * 0.02
+    down = DownProjWeight(weight)
+    for rows in (1, down.int8_max_rows, down.int8_max_rows + 1, 32):
+        x = torch.randn(rows, 1536)
+        exact = x @ weight.T
+        error = (down(x) - exact).norm() / exact.norm()
+        assert down(x).dtype == torch.float32
+        assert error < 0.02, f"{rows} rows: relative error {error:.4f}"

@@ -72,20 +72,39 @@ class Int8Weight:
         return torch.ops.quantized.linear_dynamic(x, self.packed, False)
 
 
-class Bf16Weight:
-    """A weight kept in bf16 beside int8 ones: down_proj's inputs carry outliers that
-    per-tensor int8 activations cannot represent (perplexity 15.8 -> 28.4 when quantized)."""
+class DownProjWeight:
+    """down_proj's weight beside int8 ones, with its activations left unquantized.
+
+    down_proj's inputs carry outlier channels that per-tensor int8 activations
+    cannot represent (perplexity 15.8 -> 28.4 when quantized like the others), so
+    only its weights are narrowed. For a few rows (single-stream decode) the step
+    is bound by reading weights, and `_weight_int8pack_mm` reads int8 weights
+    against bf16 activations; for more rows that kernel loses to a bf16 GEMM
+    (30 layers' down_proj on the 2-core CPU: int8 1.5 vs bf16 3.7 ms at 1 row,
+    2.4 vs 3.8 at 4, even at 8, 7.2 vs 5.7 at 16), so both copies are kept.
+    """
+
+    int8_max_rows = 4
 
     def __init__(self, weight: torch.Tensor) -> None:
+        w = weight.detach().float()
+        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+        self.qweight = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+        self.scales = scales.to(torch.bfloat16)
         self.weight = weight.detach().to(torch.bfloat16)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        xb = x.to(torch.bfloat16)
+        if x.shape[0] <= self.int8_max_rows:
+            out = torch._weight_int8pack_mm(xb, self.qweight, self.scales)
+        else:
+            out = F.linear(xb, self.weight)
+        return out.to(x.dtype)
 
 
 def linear(
     x: torch.Tensor,
-    weight: torch.Tensor | Int8Weight | Bf16Weight,
+    weight: torch.Tensor | Int8Weight | DownProjWeight,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor):
@@ -152,7 +171,7 @@ class LlamaRunner:
         if int8:
             self.lm_head = Int8Weight(self.lm_head)
             self.layers = [
-                (ln1, Int8Weight(qkv), b, Int8Weight(o), ln2, Int8Weight(gu), Bf16Weight(down))
+                (ln1, Int8Weight(qkv), b, Int8Weight(o), ln2, Int8Weight(gu), DownProjWeight(down))
                 for ln1, qkv, b, o, ln2, gu, down in self.layers
             ]
         # Rotary tables from the model's own rotary module, so every RoPE variant
@@ -224,12 +243,20 @@ class LlamaRunner:
         return linear(last, self.lm_head).float()
 
     @torch.inference_mode()
-    def score(self, token_ids: list[int]) -> float:
-        """Mean negative log-likelihood of `token_ids` (for perplexity checks), slot 0."""
-        x, _ = self._hidden([StepItem(-1, 0, token_ids, 0, False)], 1)
-        logits = linear(self._rms(x[:-1], self.final_norm), self.lm_head).float()
+    def score(self, token_ids: list[int], chunk: int | None = None) -> float:
+        """Mean negative log-likelihood of `token_ids` (for perplexity checks), in slot 0.
+
+        `chunk` feeds the text through the KV cache that many tokens a step;
+        `chunk=1` measures the kernels single-stream decoding actually runs.
+        """
+        chunk = chunk or len(token_ids)
+        logits = []
+        for start in range(0, len(token_ids) - 1, chunk):
+            piece = token_ids[start : min(start + chunk, len(token_ids) - 1)]
+            x, _ = self._hidden([StepItem(-1, 0, piece, start, False)], 1)
+            logits.append(linear(self._rms(x, self.final_norm), self.lm_head).float())
         target = torch.tensor(token_ids[1:], device=self.device)
-        return F.cross_entropy(logits, target).item()
+        return F.cross_entropy(torch.cat(logits), target).item()
 
     def _hidden(self, items: list[StepItem], active_slots: int) -> tuple[torch.Tensor, list[int]]:
         ends = [it.start + len(it.token_ids) for it in items]
@@ -267,11 +294,14 @@ class LlamaRunner:
             dec_rows = torch.tensor([offsets[i] for i in decode], device=dev)
             dec_slots = torch.tensor([items[i].slot for i in decode], device=dev)
             span = max(ends[i] for i in decode)
-            lengths = torch.ones(n, dtype=torch.long, device=dev)  # other slots: any finite row
-            lengths[dec_slots] = torch.tensor([ends[i] for i in decode], device=dev)
-            dec_mask = (torch.arange(span, device=dev).unsqueeze(0) < lengths.unsqueeze(1))[
-                :, None, None, :
-            ]
+            dec_mask: torch.Tensor | None = None
+            if len(decode) < n or any(ends[i] != span for i in decode):
+                lengths = torch.ones(n, dtype=torch.long, device=dev)  # other slots: any row
+                lengths[dec_slots] = torch.tensor([ends[i] for i in decode], device=dev)
+                past_end = torch.arange(span, device=dev).unsqueeze(0) >= lengths.unsqueeze(1)
+                # Additive, built once a step: a boolean mask is converted in every layer.
+                dec_mask = torch.zeros(n, 1, 1, span, dtype=self.dtype, device=dev)
+                dec_mask.masked_fill_(past_end[:, None, None, :], float("-inf"))
         x = F.embedding(ids_t, self.embed)
         for layer_index, (ln1, w_qkv, b_qkv, w_o, ln2, w_gu, w_down) in enumerate(self.layers):
             k_cache = self.k_cache[layer_index]
