@@ -61,6 +61,13 @@ class Settings:
     max_batch: int = field(
         default=64, metadata={"help": "most sequences one worker decodes together (1: no batching)"}
     )
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the worker's norm/projection/MLP pieces (off: measured "
+            "slower on CPU, see README Precision; untested on CUDA)"
+        },
+    )
     max_context: int = field(
         default=4096, metadata={"help": "context length cap in tokens (model's own if smaller)"}
     )
@@ -114,13 +121,19 @@ class Settings:
             flag = "--" + f.name.replace("_", "-")
             typ = f.type if isinstance(f.type, type) else eval(f.type)  # noqa: S307
             raw = os.environ.get(env)
-            default = f.default if raw is None else typ(raw)
+            if typ is bool:
+                default = f.default if raw is None else raw.lower() in ("1", "true", "yes", "on")
+            else:
+                default = f.default if raw is None else typ(raw)
             kwargs: dict = {
                 "type": typ,
                 "default": default,
                 "dest": f.name,
                 "help": f"{f.metadata.get('help', '')} [env {env}, default {f.default!r}]",
             }
+            if typ is bool:
+                del kwargs["type"]
+                kwargs["action"] = argparse.BooleanOptionalAction
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
             parser.add_argument(flag, **kwargs)

@@ -45,12 +45,15 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16,int8")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the runner (server's --compile)"
+    )
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     text_ids = tokenizer(Path(QUALITY_TEXT).read_text())["input_ids"][:512]
     question = render(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
     prompts = [render(tokenizer, [{"role": "user", "content": p}]) for p in BUILTIN_PROMPTS[:16]]
-    print(f"model {args.model_dir}, {args.threads} torch threads")
+    print(f"model {args.model_dir}, {args.threads} torch threads, compile={args.compile}")
     print(
         "| dtype | perplexity | vs float32 | perplexity, decode | vs float32 "
         "| capital of France? | 1 stream tok/s | 16 streams tok/s |"
@@ -58,7 +61,9 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---|---:|---:|")
     reference = None
     for dtype in args.dtypes.split(","):
-        config = WorkerConfig(args.model_dir, "m", "cpu", dtype, 2048, 16, 512, args.threads)
+        config = WorkerConfig(
+            args.model_dir, "m", "cpu", dtype, 2048, 16, 512, args.threads, compile=args.compile
+        )
         core, _ = build_core(0, config)
         ppl = math.exp(core.runner.score(text_ids))
         ppl_decode = math.exp(core.runner.score(text_ids, chunk=1))

@@ -91,3 +91,22 @@ def test_dtype_flag_accepts_every_documented_precision():
         text=True,
     )
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_boolean_flags_parse_from_flag_and_env(monkeypatch):
+    import argparse
+
+    from chatserver.config import Settings
+
+    def parsed(*argv: str) -> Settings:
+        parser = argparse.ArgumentParser()
+        Settings.add_arguments(parser)
+        return Settings.from_namespace(parser.parse_args(list(argv)))
+
+    assert parsed().compile is False
+    assert parsed("--compile").compile is True
+    monkeypatch.setenv("CHATSERVER_COMPILE", "1")
+    assert parsed().compile is True
+    assert parsed("--no-compile").compile is False
+    monkeypatch.setenv("CHATSERVER_COMPILE", "false")
+    assert parsed().compile is False

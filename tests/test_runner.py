@@ -157,3 +157,21 @@ def test_down_proj_kernels_agree_with_fp32():
         error = (down(x) - exact).norm() / exact.norm()
         assert down(x).dtype == torch.float32
         assert error < 0.02, f"{rows} rows: relative error {error:.4f}"
+
+
+@pytest.mark.slow
+def test_compiled_runner_matches_eager(hf_model, tokenizer):
+    """--compile changes speed, not results: prefill and batched decode logits match eager."""
+    eager = LlamaRunner(hf_model, 512)
+    compiled = LlamaRunner(hf_model, 512, compile=True)
+    prompts = [chat_ids(tokenizer, p) for p in PROMPTS[:3]]
+    for runner in (eager, compiled):
+        for slot, ids in enumerate(prompts):
+            runner.forward([StepItem(slot, slot, ids, 0, True)], slot + 1)
+    steps = [[StepItem(s, s, [42 + s], len(ids), True) for s, ids in enumerate(prompts)]]
+    steps.append([StepItem(s, s, [7], len(ids) + 1, True) for s, ids in enumerate(prompts)])
+    for items in steps:
+        expected = eager.forward(items, len(prompts))
+        got = compiled.forward(items, len(prompts))
+        assert torch.allclose(got, expected, atol=1e-3, rtol=1e-3)
+        assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()

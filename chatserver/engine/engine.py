@@ -247,6 +247,7 @@ class InferenceEngine:
                 prefill_chunk=s.prefill_chunk,
                 threads=threads,
                 nice=5 if device == "cpu" and kind in ("gpu", "pool") else 0,
+                compile=s.compile,
             )
             for _ in range(count)
         ]

@@ -94,3 +94,4 @@ class WorkerConfig:
     prefill_chunk: int
     threads: int
     nice: int = 0
+    compile: bool = False  # torch.compile the runner's fusable pieces

@@ -129,7 +129,14 @@ def build_core(worker_id: int, config: WorkerConfig) -> tuple[WorkerCore, Worker
     load_dtype = torch.float32 if int8 else TORCH_DTYPES[dtype]
     source = ModelSource(config.model_id, config.model_path, True)
     model = load_model(source, load_dtype, config.device)
-    runner = build_runner(model, config.max_context, int8=int8)
+    compile = config.compile and not int8
+    if config.compile and int8:
+        # Compiled, the fbgemm int8 kernels gave other numerics (greedy answers
+        # changed from the first token); int8 is CPU-only, where compile measured slower.
+        log.warning("--compile is for float dtypes; int8 runs eager")
+    runner = build_runner(model, config.max_context, int8=int8, compile=compile)
+    if compile and not isinstance(runner, LlamaRunner):
+        log.warning("--compile applies to the Llama-family runner only; running eager")
     if int8 and not isinstance(runner, LlamaRunner):
         dtype = "float32"  # the generic runner has no int8 path
     log.info(
