@@ -121,3 +121,35 @@ async def test_killed_worker_fails_its_streams_and_is_restarted(model_dir):
             assert worker_pids(proc.proc.pid) != [pid]
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize(
+    ("engine", "device", "gpus", "expected"),
+    [
+        ("auto", "auto", 0, ["cpu", "cpu"]),  # no CUDA: the CPU pool (--workers 2)
+        ("gpu", "cpu", 0, ["cpu"]),
+        ("pool", "cpu", 0, ["cpu", "cpu"]),
+        ("auto", "auto", 2, ["cuda:0", "cuda:1"]),  # one worker owns each GPU
+        ("gpu", "cuda:1", 2, ["cuda:1"]),
+    ],
+)
+def test_worker_placement(monkeypatch, model_dir: Path, engine, device, gpus, expected) -> None:
+    """Where workers go, per engine and device; the GPU count is the only thing faked."""
+    from chatserver.config import Settings
+    from chatserver.engine.engine import InferenceEngine
+    from chatserver.models.loading import resolve_model
+    from chatserver.workers import core
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    real_resolve = core.resolve_device
+    monkeypatch.setattr(
+        core,
+        "resolve_device",
+        lambda d: ("cuda" if gpus else "cpu") if d == "auto" else real_resolve(d),
+    )
+    settings = Settings.from_env(engine=engine, device=device, workers=2)
+    eng = InferenceEngine(settings)
+    eng._source = resolve_model("default", model_dir.parent, model_dir.name)
+    configs = eng._worker_configs()
+    assert [c.device for c in configs] == expected
+    assert {c.dtype for c in configs} == {"bfloat16" if gpus else "int8"}

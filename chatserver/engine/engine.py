@@ -228,9 +228,15 @@ class InferenceEngine:
         if kind == "pool":
             device = "cpu" if s.device == "auto" else device
         cpus = os.cpu_count() or 1
-        count = 1
+        devices = [device]
+        if kind == "gpu" and device == "cuda":
+            import torch
+
+            # One worker process owns each visible GPU (--device cuda:N picks one).
+            devices = [f"cuda:{i}" for i in range(max(1, torch.cuda.device_count()))]
         if kind == "pool":
-            count = s.workers or max(1, cpus // 2)
+            devices = [device] * (s.workers or max(1, cpus // 2))
+        count = len(devices)
         dtype = s.dtype
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else CPU_DEFAULT_DTYPE
@@ -240,7 +246,7 @@ class InferenceEngine:
             WorkerConfig(
                 model_path=self._source.path,
                 model_id=self.model_id,
-                device=device,
+                device=worker_device,
                 dtype=dtype,
                 max_context=self.max_context,
                 max_batch=s.max_batch,
@@ -249,7 +255,7 @@ class InferenceEngine:
                 nice=5 if device == "cpu" and kind in ("gpu", "pool") else 0,
                 compile=s.compile,
             )
-            for _ in range(count)
+            for worker_device in devices
         ]
 
     def _hosts(self, configs: list[WorkerConfig]) -> dict[int, WorkerHost]:
