@@ -39,7 +39,7 @@ from load_tests.cli import (
 from load_tests.guard import check_url
 from load_tests.prompts import BUILTIN_PROMPTS, load_prompts
 from load_tests.runner import LoadSpec, WarmupFailed, run_pass, warm_server
-from load_tests.server import LaunchedServer, measure_idle_cpu
+from load_tests.server import LaunchedServer, measure_idle_cpu, tree_cpu_seconds
 from load_tests.stats import markdown_table
 
 STREAMING_MODES = ("ws", "openai")
@@ -55,6 +55,7 @@ HEADERS = (
     "ITL p99 ms",
     "/healthz p50 ms",
     "/healthz p99 ms",
+    "server CPU µs/tok",
     "errors",
 )
 
@@ -97,9 +98,22 @@ def level_requests(concurrency: int, rounds: int, min_requests: int) -> int:
     return max(rounds * concurrency, min_requests)
 
 
-def run_levels(url: str, args: argparse.Namespace, prompts: Sequence[str]) -> list[dict]:
+def server_cpu_seconds(pid: int | None) -> float | None:
+    """CPU time of the front-end process alone (not its workers), or None if unknown."""
+    if not pid:
+        return None
+    try:
+        return tree_cpu_seconds(pid)[pid]
+    except (ProcessLookupError, OSError):
+        return None
+
+
+def run_levels(
+    url: str, args: argparse.Namespace, prompts: Sequence[str], pid: int | None = None
+) -> list[dict]:
     summaries = []
     for c in args.levels:
+        cpu_before = server_cpu_seconds(pid)
         spec = LoadSpec(
             concurrency=c,
             requests=level_requests(c, args.rounds, args.min_requests),
@@ -118,6 +132,14 @@ def run_levels(url: str, args: argparse.Namespace, prompts: Sequence[str]) -> li
                 progress=not args.no_progress,
                 desc=f"c={c}",
             )
+        )
+        # How much of a core the server itself spends per streamed token: the front
+        # end's ceiling once the model is fast (a GPU), whatever the workers do.
+        cpu_after = server_cpu_seconds(pid)
+        summary["server_cpu_us_per_token"] = (
+            1e6 * (cpu_after - cpu_before) / summary["output_tokens"]
+            if cpu_before is not None and cpu_after is not None and summary["output_tokens"]
+            else None
         )
         summaries.append(summary)
     return summaries
@@ -141,6 +163,7 @@ def report_table(summaries: Sequence[dict[str, Any]]) -> str:
                 s["itl_ms"]["p99"],
                 health["p50"],
                 health["p99"],
+                _cpu_cell(s.get("server_cpu_us_per_token")),
                 errors_cell({**s["errors"], **_prefixed(s["healthz"]["errors"])}),
             )
         )
@@ -150,6 +173,10 @@ def report_table(summaries: Sequence[dict[str, Any]]) -> str:
     return markdown_table(headers, rows)
 
 
+def _cpu_cell(us_per_token: float | None) -> str:
+    return "n/a" if us_per_token is None else f"{us_per_token:.0f}"
+
+
 def _prefixed(probe_errors: dict[str, int]) -> dict[str, int]:
     return {f"healthz {k}": v for k, v in probe_errors.items()}
 
@@ -157,7 +184,8 @@ def _prefixed(probe_errors: dict[str, int]) -> dict[str, int]:
 def notes(summaries: Sequence[dict[str, Any]], max_tokens: int) -> list[str]:
     out = [
         f"out tok/s counts every completed reply's tokens (server usage); full-length = "
-        f"replies of all {max_tokens} tokens. TTFT includes the connection.",
+        f"replies of all {max_tokens} tokens. TTFT includes the connection. server CPU "
+        "µs/tok: CPU time of the server process alone (workers excluded) per output token.",
     ]
     short = sum(s["completed"] - s["full_length"] for s in summaries)
     if short:
@@ -206,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 idle = measure_idle_cpu(pid, args.idle_seconds)
             except OSError as e:  # no such pid, or no /proc here
                 say(f"idle CPU not measured: {e}")
-        summaries = run_levels(url, args, prompts)
+        summaries = run_levels(url, args, prompts, pid)
     finally:
         if server is not None:
             server.stop()

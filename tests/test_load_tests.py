@@ -346,6 +346,9 @@ def test_bench_batching_small(
     for level in report["levels"]:
         assert level["completed"] == 2 and level["failed"] == 0
         assert level["healthz"]["latency_ms"]["count"] > 0
+        # measured from /proc in clock ticks: a tiny level may round to 0, never to None
+        assert level["server_cpu_us_per_token"] is not None
+        assert level["server_cpu_us_per_token"] >= 0
     assert 0 <= report["idle_cpu"]["percent_of_one_core"] < 400
     stdout = capsys.readouterr().out
     assert "| concurrency |" in stdout and "idle CPU:" in stdout
