@@ -153,3 +153,25 @@ def test_worker_placement(monkeypatch, model_dir: Path, engine, device, gpus, ex
     configs = eng._worker_configs()
     assert [c.device for c in configs] == expected
     assert {c.dtype for c in configs} == {"bfloat16" if gpus else "int8"}
+
+
+async def test_stream_hands_a_lagging_reader_all_queued_text_at_once(model_dir: Path) -> None:
+    """A reader that fell behind gets one delta for everything queued (fewer frames under
+    load); one that keeps up gets each delta as it comes; the end is never swallowed."""
+    from types import SimpleNamespace
+
+    from chatserver.engine.engine import GenerationStream
+
+    engine = SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(model_dir))
+    stream = GenerationStream(engine, 1, SimpleNamespace(ids=[1, 2, 3]), ())
+    for piece in ("The", " capital", " is"):
+        stream._push(piece)
+    assert await anext(stream) == "The capital is"
+    stream._push(" Paris")
+    assert await anext(stream) == " Paris"
+    stream._push(".")
+    stream._finish("stop")
+    assert [delta async for delta in stream] == ["."]
+    assert stream.text == "The capital is Paris." and stream.finish_reason == "stop"
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)

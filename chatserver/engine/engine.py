@@ -110,6 +110,14 @@ class GenerationStream:
         if item is _END:
             self._queue.put_nowait(_END)  # later iterations end at once too
             raise StopAsyncIteration
+        # A consumer that fell behind (slow socket, busy loop) takes all the text
+        # queued so far as one delta: fewer frames to send, the same text.
+        while not self._queue.empty():
+            more = self._queue.get_nowait()
+            if more is _END:
+                self._queue.put_nowait(_END)
+                break
+            item += more
         return item
 
     async def collect(self) -> str:
