@@ -27,9 +27,9 @@ from typing import Any
 
 from load_tests.cli import (
     add_benchmark_args,
-    errors_cell,
     int_list,
     non_negative_float,
+    pass_errors_cell,
     positive_float,
     positive_int,
     run_async,
@@ -39,7 +39,7 @@ from load_tests.cli import (
 from load_tests.guard import check_url
 from load_tests.prompts import BUILTIN_PROMPTS, load_prompts
 from load_tests.runner import LoadSpec, WarmupFailed, run_pass, warm_server
-from load_tests.server import LaunchedServer, measure_idle_cpu, tree_cpu_seconds
+from load_tests.server import LaunchedServer, measure_idle_cpu, parse_stat
 from load_tests.stats import markdown_table
 
 STREAMING_MODES = ("ws", "openai")
@@ -103,8 +103,9 @@ def server_cpu_seconds(pid: int | None) -> float | None:
     if not pid:
         return None
     try:
-        return tree_cpu_seconds(pid)[pid]
-    except (ProcessLookupError, OSError):
+        with open(f"/proc/{pid}/stat") as f:
+            return parse_stat(f.read())[1]
+    except (OSError, ValueError, IndexError):
         return None
 
 
@@ -164,7 +165,7 @@ def report_table(summaries: Sequence[dict[str, Any]]) -> str:
                 health["p50"],
                 health["p99"],
                 _cpu_cell(s.get("server_cpu_us_per_token")),
-                errors_cell({**s["errors"], **_prefixed(s["healthz"]["errors"])}),
+                pass_errors_cell(s),
             )
         )
     headers = list(HEADERS)
@@ -175,10 +176,6 @@ def report_table(summaries: Sequence[dict[str, Any]]) -> str:
 
 def _cpu_cell(us_per_token: float | None) -> str:
     return "n/a" if us_per_token is None else f"{us_per_token:.0f}"
-
-
-def _prefixed(probe_errors: dict[str, int]) -> dict[str, int]:
-    return {f"healthz {k}": v for k, v in probe_errors.items()}
 
 
 def notes(summaries: Sequence[dict[str, Any]], max_tokens: int) -> list[str]:

@@ -60,6 +60,12 @@ def errors_cell(errors: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "0"
 
 
+def pass_errors_cell(summary: dict[str, Any]) -> str:
+    """A pass's request errors and its /healthz probe errors (prefixed) in one cell."""
+    probe = {f"healthz {k}": v for k, v in summary["healthz"]["errors"].items()}
+    return errors_cell({**summary["errors"], **probe})
+
+
 def write_json(path: Path, report: dict[str, Any]) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}", file=sys.stderr)

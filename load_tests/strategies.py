@@ -25,7 +25,7 @@ from typing import Any
 
 from load_tests.cli import (
     add_benchmark_args,
-    errors_cell,
+    pass_errors_cell,
     positive_float,
     positive_int,
     run_async,
@@ -153,9 +153,7 @@ def report_table(rows: Sequence[dict[str, Any]]) -> str:
                 s["ttft_ms"]["p99"],
                 health["latency_ms"]["p50"],
                 health["latency_ms"]["p99"],
-                errors_cell(
-                    {**s["errors"], **{f"healthz {k}": v for k, v in health["errors"].items()}}
-                ),
+                pass_errors_cell(s),
             )
         )
     return markdown_table(HEADERS, cells)

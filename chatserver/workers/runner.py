@@ -317,6 +317,15 @@ class LlamaRunner:
                 # Additive, built once a step: a boolean mask is converted in every layer.
                 dec_mask = torch.zeros(n, 1, 1, span, dtype=self.dtype, device=dev)
                 dec_mask.masked_fill_(past_end[:, None, None, :], float("-inf"))
+        # A chunk that continues a prompt attends to the cached prefix and causally
+        # within itself; a first chunk is plain causal (mask None). Built once a step.
+        prefill_masks: dict[int, torch.Tensor | None] = {}
+        for i in prefill:
+            start, end = items[i].start, ends[i]
+            prefill_masks[i] = None
+            if start > 0:
+                rows = torch.arange(start, end, device=dev).unsqueeze(1)
+                prefill_masks[i] = torch.arange(end, device=dev).unsqueeze(0) <= rows
         x = F.embedding(ids_t, self.embed)
         for layer_index, (ln1, w_qkv, b_qkv, w_o, ln2, w_gu, w_down) in enumerate(self.layers):
             k_cache = self.k_cache[layer_index]
@@ -324,47 +333,47 @@ class LlamaRunner:
             q, k, v = self._project_qkv(x, ln1, w_qkv, b_qkv, cos, sin)
             k_cache.view(-1, D).index_copy_(0, cache_rows, k)
             v_cache.view(-1, D).index_copy_(0, cache_rows, v)
-            if all_decode:
-                attn = F.scaled_dot_product_attention(
-                    q.unsqueeze(2),
-                    k_cache[:n, :, :span],
-                    v_cache[:n, :, :span],
-                    attn_mask=dec_mask,
-                    enable_gqa=True,
-                ).reshape(T, H * D)
+            if all_decode:  # q's rows are already the slots' rows
+                attn = self._decode_attention(q, k_cache, v_cache, span, dec_mask).reshape(T, H * D)
             else:
                 attn = torch.empty(T, H, D, dtype=x.dtype, device=dev)
                 if decode:
                     q_all = torch.zeros(n, H, D, dtype=x.dtype, device=dev)
                     q_all.index_copy_(0, dec_slots, q.index_select(0, dec_rows))
+                    out = self._decode_attention(q_all, k_cache, v_cache, span, dec_mask)
+                    attn.index_copy_(0, dec_rows, out.index_select(0, dec_slots))
+                for i in prefill:
+                    slot, lo, hi, end = items[i].slot, offsets[i], offsets[i + 1], ends[i]
                     out = F.scaled_dot_product_attention(
-                        q_all.unsqueeze(2),
-                        k_cache[:n, :, :span],
-                        v_cache[:n, :, :span],
-                        attn_mask=dec_mask,
+                        q[lo:hi].transpose(0, 1).unsqueeze(0),
+                        k_cache[slot : slot + 1, :, :end],
+                        v_cache[slot : slot + 1, :, :end],
+                        attn_mask=prefill_masks[i],
+                        is_causal=prefill_masks[i] is None,
                         enable_gqa=True,
                     )
-                    attn.index_copy_(0, dec_rows, out.squeeze(2).index_select(0, dec_slots))
-                for i in prefill:
-                    it = items[i]
-                    lo, hi, end = offsets[i], offsets[i + 1], ends[i]
-                    qi = q[lo:hi].transpose(0, 1).unsqueeze(0)
-                    ki = k_cache[it.slot : it.slot + 1, :, :end]
-                    vi = v_cache[it.slot : it.slot + 1, :, :end]
-                    if it.start == 0:
-                        out = F.scaled_dot_product_attention(
-                            qi, ki, vi, is_causal=True, enable_gqa=True
-                        )
-                    else:
-                        rows = torch.arange(it.start, end, device=dev).unsqueeze(1)
-                        mask = torch.arange(end, device=dev).unsqueeze(0) <= rows
-                        out = F.scaled_dot_product_attention(
-                            qi, ki, vi, attn_mask=mask, enable_gqa=True
-                        )
                     attn[lo:hi] = out[0].transpose(0, 1)
                 attn = attn.view(T, H * D)
             x = self._output_and_mlp(x, attn, w_o, ln2, w_gu, w_down)
         return x, offsets
+
+    def _decode_attention(
+        self,
+        q_slots: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        span: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One query per live slot (`[n, H, D]`) over the first `span` cache rows -> `[n, H, D]`."""
+        n = q_slots.shape[0]
+        return F.scaled_dot_product_attention(
+            q_slots.unsqueeze(2),
+            k_cache[:n, :, :span],
+            v_cache[:n, :, :span],
+            attn_mask=mask,
+            enable_gqa=True,
+        ).squeeze(2)
 
     def _project_qkv(
         self,
