@@ -124,10 +124,13 @@ def build_app(settings: Settings) -> web.Application:
     return app
 
 
+class StartupFailed(RuntimeError):
+    """The engine cannot serve as configured (a precision failed the quality gate, say)."""
+
+
 async def _serve(settings: Settings) -> None:
-    runner = web.AppRunner(
-        build_app(settings), handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S
-    )
+    app = build_app(settings)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.host, settings.port).start()
@@ -137,7 +140,13 @@ async def _serve(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        engine = app[ENGINE]
+        waits = [asyncio.create_task(stop.wait()), asyncio.create_task(engine.fatal.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+        if engine.fatal.is_set():
+            raise StartupFailed(engine.failure or "a worker could not start")
         log.info("shutting down")
     finally:
         await runner.cleanup()
@@ -158,3 +167,5 @@ def serve(settings: Settings) -> None:
             uvloop.run(_serve(settings))
     except SessionStoreUnavailable as exc:
         sys.exit(f"chatserver: {exc} (check --redis-url)")
+    except StartupFailed as exc:
+        sys.exit(f"chatserver: {exc}")

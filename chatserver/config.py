@@ -18,6 +18,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 ENGINES = ("auto", "gpu", "pool", "thread", "inline")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+INT8_KERNEL_CHOICES = ("auto", "vnni", "avx2")
 
 
 def _env_name(name: str) -> str:
@@ -53,9 +54,39 @@ class Settings:
     dtype: str = field(
         default="auto",
         metadata={
-            "help": "weights: auto (bfloat16 on CUDA, int8 on CPU: measured, see README "
-            "Precision), float32, bfloat16, float16, int8 (CPU only; bfloat16 on CUDA)",
+            "help": "weights: auto (the fastest precision for this device and CPU that "
+            "passes the quality gate: int8, then bfloat16 where the CPU has native bf16, "
+            "then float32; bfloat16 on CUDA; see README Precision), float32, bfloat16, "
+            "float16, int8 (CPU only; bfloat16 on CUDA). An explicit dtype that fails "
+            "the quality gate stops the server",
             "choices": DTYPES,
+        },
+    )
+    int8_kernels: str = field(
+        default="auto",
+        metadata={
+            "help": "int8 kernel variant: auto (from the CPU's features), vnni (full-range "
+            "int8 weights; needs VNNI, noise without it), avx2 (7-bit weights, any x86 CPU)",
+            "choices": INT8_KERNEL_CHOICES,
+        },
+    )
+    skip_quality_gate: bool = field(
+        default=False,
+        metadata={
+            "help": "serve the chosen precision without checking it against float32 first "
+            "(saves ~1 s per worker start; see README Precision)"
+        },
+    )
+    quality_max_ppl_ratio: float = field(
+        default=1.05,
+        metadata={
+            "help": "quality gate: highest probe perplexity allowed, as a multiple of float32's"
+        },
+    )
+    quality_min_top1: float = field(
+        default=0.85,
+        metadata={
+            "help": "quality gate: lowest share of probe positions whose top token is float32's"
         },
     )
     max_batch: int = field(

@@ -10,6 +10,12 @@ load it measures the idle server's CPU use (% of one core over ``--idle-seconds`
     python -m load_tests.bench_batching                          # starts its own server
     python -m load_tests.bench_batching --server-args "--engine gpu --max-batch 32"
     python -m load_tests.bench_batching --url http://127.0.0.1:8080 --pid 1234
+    python -m load_tests.bench_batching --baseline-args "--dtype float32"   # side by side
+
+The report starts with the machine (CPU model, cores, torch's CPU capability) and
+the precision the server actually served (its /readyz, after the quality gate).
+With ``--baseline-args`` a second server with those flags runs the same levels
+right after, and a last table gives each level's throughput ratio to it.
 
 Every level is bounded: ``max(rounds * concurrency, min-requests)`` requests and at most
 ``--level-duration`` seconds. Loopback servers only.
@@ -37,6 +43,7 @@ from load_tests.cli import (
     write_json,
 )
 from load_tests.guard import check_url
+from load_tests.machine import describe_machine, describe_precision, machine, server_precision
 from load_tests.prompts import BUILTIN_PROMPTS, load_prompts
 from load_tests.runner import LoadSpec, WarmupFailed, run_pass, warm_server
 from load_tests.server import LaunchedServer, measure_idle_cpu, parse_stat
@@ -72,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--start", action="store_true", help="start a server itself (the default without --url)"
     )
     p.add_argument("--server-args", default="", help="extra `chatserver serve` flags for --start")
+    p.add_argument(
+        "--baseline-args",
+        help="also start a server with these flags (e.g. '--dtype float32') and compare",
+    )
     p.add_argument("--pid", type=int, help="the --url server's pid, for the idle CPU measurement")
     p.add_argument("--mode", choices=STREAMING_MODES, default="ws", help="streaming API to drive")
     p.add_argument("--levels", type=int_list, default=[1, 4, 16, 32, 64], help="concurrencies")
@@ -194,36 +205,31 @@ def notes(summaries: Sequence[dict[str, Any]], max_tokens: int) -> list[str]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        prompts = load_prompts(args.prompts) if args.prompts else list(BUILTIN_PROMPTS)
-        url = check_url(args.url) if args.url else None
-    except (ValueError, OSError) as e:
-        parser.error(str(e))
-
+def bench_server(
+    server_args: str, args: argparse.Namespace, prompts: Sequence[str], url: str | None = None
+) -> dict[str, Any] | None:
+    """Start (unless `url`), warm up, measure idle CPU and every level; None if it failed."""
     server = None
+    pid = args.pid
     if url is None:
-        server = LaunchedServer(shlex.split(args.server_args), ready_timeout=args.ready_timeout)
+        server = LaunchedServer(shlex.split(server_args), ready_timeout=args.ready_timeout)
         say(f"starting: {shlex.join(server.command)}")
         try:
             server.start()
         except (RuntimeError, TimeoutError) as e:
             say(f"bench_batching: {e}")
-            return 1
+            return None
         url, pid = server.url, server.pid
-    else:
-        pid = args.pid
     try:
         info = server_info(url)
+        precision = server_precision(url)
         say(f"server {url}: {json.dumps(info)}")
         try:  # first-use costs (model warm-up, thread pools) are not what we measure
             if args.warmup:
                 run_async(warm_server(url, args.mode, args.warmup, request_timeout=args.timeout))
         except WarmupFailed as e:
             say(f"bench_batching: {url}: {e}")
-            return 1
+            return None
         idle = None
         if pid and args.idle_seconds > 0:
             say(f"measuring idle CPU of pid {pid} and children for {args.idle_seconds:.0f}s")
@@ -235,11 +241,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
+    return {
+        "url": url,
+        "server": info,
+        "server_args": server_args if server else None,
+        "precision": precision,
+        "idle_cpu": idle,
+        "levels": summaries,
+    }
 
+
+def print_report(run: dict[str, Any], args: argparse.Namespace, label: str) -> None:
+    summaries, idle = run["levels"], run["idle_cpu"]
     print(
-        f"## bench_batching: {args.mode} API, {args.max_tokens}-token greedy replies, "
+        f"## bench_batching{label}: {args.mode} API, {args.max_tokens}-token greedy replies, "
         f"/healthz probed at {args.probe_rate:g}/s\n"
     )
+    if run["server_args"] is not None:
+        print(f"server flags: `{run['server_args']}`  ")
+    print(describe_precision(run["precision"]) + "\n")
     print(report_table(summaries))
     print()
     for line in notes(summaries, args.max_tokens):
@@ -252,34 +272,83 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     else:
         print("idle CPU: not measured (give --pid with --url, or let it --start the server)")
+    print()
+
+
+def comparison_table(run: dict[str, Any], baseline: dict[str, Any]) -> str:
+    rows = []
+    for ours, theirs in zip(run["levels"], baseline["levels"], strict=True):
+        ratio = ours["output_throughput"] / max(theirs["output_throughput"], 1e-9)
+        rows.append(
+            (
+                ours["concurrency"],
+                ours["output_throughput"],
+                theirs["output_throughput"],
+                f"{ratio:.2f}x",
+                ours["ttft_ms"]["p50"],
+                theirs["ttft_ms"]["p50"],
+            )
+        )
+    mine = run["precision"].get("kernels", "server")
+    base = baseline["precision"].get("kernels", "baseline")
+    headers = (
+        "concurrency",
+        f"{mine} tok/s",
+        f"{base} tok/s",
+        "ratio",
+        f"{mine} TTFT p50 ms",
+        f"{base} TTFT p50 ms",
+    )
+    return markdown_table(headers, rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        prompts = load_prompts(args.prompts) if args.prompts else list(BUILTIN_PROMPTS)
+        url = check_url(args.url) if args.url else None
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    host = machine()
+    say(describe_machine(host))
+    run = bench_server(args.server_args, args, prompts, url)
+    if run is None:
+        return 1
+    baseline = None
+    if args.baseline_args is not None:
+        baseline = bench_server(args.baseline_args, args, prompts)
+        if baseline is None:
+            return 1
+
+    print(describe_machine(host) + "\n")
+    print_report(run, args, "")
+    if baseline is not None:
+        print_report(baseline, args, " (baseline)")
+        print("## throughput against the baseline, same run\n")
+        print(comparison_table(run, baseline))
+        print()
 
     if args.json:
+        config = {
+            "mode": args.mode,
+            "levels": args.levels,
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "rounds": args.rounds,
+            "min_requests": args.min_requests,
+            "probe_rate": args.probe_rate,
+        }
         write_json(
-            args.json,
-            {
-                "tool": "bench_batching",
-                "url": url,
-                "server": info,
-                "server_args": args.server_args if server else None,
-                "config": {
-                    "mode": args.mode,
-                    "levels": args.levels,
-                    "max_tokens": args.max_tokens,
-                    "temperature": 0,
-                    "rounds": args.rounds,
-                    "min_requests": args.min_requests,
-                    "probe_rate": args.probe_rate,
-                },
-                "idle_cpu": idle,
-                "levels": summaries,
-            },
+            args.json, {"tool": "bench_batching", "config": config, **run, "baseline": baseline}
         )
     if args.plot:
         from load_tests.plot import plot_sweep
 
-        plot_sweep(summaries, args.plot, title=f"bench_batching ({args.mode})")
+        plot_sweep(run["levels"], args.plot, title=f"bench_batching ({args.mode})")
         say(f"wrote {args.plot}")
-    return 0 if all(s["completed"] for s in summaries) else 1
+    runs = [run] + ([baseline] if baseline else [])
+    return 0 if all(s["completed"] for r in runs for s in r["levels"]) else 1
 
 
 if __name__ == "__main__":

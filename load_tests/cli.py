@@ -67,6 +67,10 @@ def pass_errors_cell(summary: dict[str, Any]) -> str:
 
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
+    """Write a report, with the machine it ran on (load_tests.machine) in every one."""
+    from load_tests.machine import machine
+
+    report = {"machine": machine(), **report}
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}", file=sys.stderr)
 

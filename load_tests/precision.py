@@ -1,13 +1,20 @@
-"""Precision vs quality vs speed of the worker's runner, per dtype, on this machine.
+"""Precision vs quality vs speed of the worker's runner, per dtype and kernel path, on this machine.
 
     python -m load_tests.precision
+    python -m load_tests.precision --dtypes float32,int8:avx2,int8:vnni
 
-Quality: perplexity of the default model on a fixed text (tests/data/
+Quality: perplexity of the default model on a fixed text (chatserver/workers/
 quality_text.txt, first 512 tokens), scored in one prefill and again one token
 a step through the KV cache (the kernels a single stream decodes with, which
-differ for int8), and whether the test prompt is still answered correctly. Speed: decode throughput of a WorkerCore in this process
-(no server), one sequence and 16 sequences of 64 greedy tokens, prefill
-included. The CPU default dtype (engine.CPU_DEFAULT_DTYPE) is chosen from this.
+differ for int8); whether the test prompt is still answered correctly; and the
+quality gate's verdict (what a worker would decide at start). Speed: decode
+throughput of a WorkerCore in this process (no server), one sequence and 16
+sequences of 64 greedy tokens, prefill included. `--dtype auto`'s chain
+(workers/precision.py) is ordered from this table on each kind of CPU.
+
+A dtype is `float32`, `bfloat16`, `float16`, `int8` (kernels chosen from this
+CPU's features) or `int8:vnni` / `int8:avx2` (forced kernel path). Candidates
+are measured with the gate off, so a failing one still gets its row.
 """
 
 from __future__ import annotations
@@ -15,17 +22,16 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from pathlib import Path
 
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chatserver.config import DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR, REPO_ROOT
+from chatserver.config import DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR
 from chatserver.models.prompt import render
 from chatserver.protocol.worker import GenerateRequest, SamplingParams, WorkerConfig
+from chatserver.workers import quality_gate
 from chatserver.workers.core import build_core
+from load_tests.machine import describe_machine, machine
 from load_tests.prompts import BUILTIN_PROMPTS
-
-QUALITY_TEXT = REPO_ROOT / "tests" / "data" / "quality_text.txt"
 
 
 def throughput(core, prompts: list[list[int]], max_tokens: int) -> float:
@@ -42,7 +48,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model-dir", default=str(DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME))
-    parser.add_argument("--dtypes", default="float32,bfloat16,int8")
+    parser.add_argument("--dtypes", default="float32,bfloat16,int8:avx2,int8:vnni")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument(
@@ -50,21 +56,48 @@ def main() -> None:
     )
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    text_ids = tokenizer(Path(QUALITY_TEXT).read_text())["input_ids"][:512]
+    text_ids = tokenizer(quality_gate.QUALITY_TEXT.read_text())["input_ids"][:512]
     question = render(tokenizer, [{"role": "user", "content": "What is the capital of France?"}])
     prompts = [render(tokenizer, [{"role": "user", "content": p}]) for p in BUILTIN_PROMPTS[:16]]
-    print(f"model {args.model_dir}, {args.threads} torch threads, compile={args.compile}")
+    probe = quality_gate.probe_ids(tokenizer)
+    fp32_model = AutoModelForCausalLM.from_pretrained(args.model_dir).eval()
+    gate_reference = quality_gate.reference_logits(fp32_model, probe)
+    del fp32_model
+    print(describe_machine(machine()))
     print(
-        "| dtype | perplexity | vs float32 | perplexity, decode | vs float32 "
-        "| capital of France? | 1 stream tok/s | 16 streams tok/s |"
+        f"model {args.model_dir}, {args.threads} torch threads, compile={args.compile}, "
+        f"perplexity over {len(text_ids)} tokens\n"
     )
-    print("|---|---:|---:|---:|---:|---|---:|---:|")
+    print(
+        "| dtype | kernels | perplexity | vs float32 | perplexity, decode | vs float32 "
+        "| capital of France? | quality gate | 1 stream tok/s | 16 streams tok/s |"
+    )
+    print("|---|---|---:|---:|---:|---:|---|---|---:|---:|")
     reference = None
-    for dtype in args.dtypes.split(","):
+    for spec in args.dtypes.split(","):
+        dtype, _, kernels = spec.partition(":")
         config = WorkerConfig(
-            args.model_dir, "m", "cpu", dtype, 2048, 16, 512, args.threads, compile=args.compile
+            args.model_dir,
+            "m",
+            "cpu",
+            dtype,
+            2048,
+            16,
+            512,
+            args.threads,
+            compile=args.compile,
+            int8_kernels=kernels or "auto",
+            skip_quality_gate=True,
         )
-        core, _ = build_core(0, config)
+        core, ready = build_core(0, config)
+        gate = quality_gate.check(
+            core.runner,
+            gate_reference,
+            probe,
+            ready.dtype,
+            ready.kernels,
+            quality_gate.GateBounds(),
+        )
         ppl = math.exp(core.runner.score(text_ids))
         ppl_decode = math.exp(core.runner.score(text_ids, chunk=1))
         reference = reference or ppl
@@ -77,10 +110,11 @@ def main() -> None:
         correct = "Paris" in tokenizer.decode(answer)
         one = throughput(core, prompts[:1], args.max_tokens)
         many = throughput(core, prompts, args.max_tokens)
+        verdict = "pass" if gate.passed else f"FAIL: {gate.reason}"
         print(
-            f"| {dtype} | {ppl:.2f} | {100 * (ppl / reference - 1):+.1f}% | "
+            f"| {ready.dtype} | {ready.kernels} | {ppl:.2f} | {100 * (ppl / reference - 1):+.1f}% | "
             f"{ppl_decode:.2f} | {100 * (ppl_decode / reference - 1):+.1f}% | "
-            f"{'Paris' if correct else 'wrong'} | {one:.1f} | {many:.0f} |",
+            f"{'Paris' if correct else 'wrong'} | {verdict} | {one:.1f} | {many:.0f} |",
             flush=True,
         )
 

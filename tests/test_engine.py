@@ -135,10 +135,12 @@ async def test_killed_worker_fails_its_streams_and_is_restarted(model_dir):
 )
 def test_worker_placement(monkeypatch, model_dir: Path, engine, device, gpus, expected) -> None:
     """Where workers go, per engine and device; the GPU count is the only thing faked."""
+    from transformers import AutoTokenizer
+
     from chatserver.config import Settings
     from chatserver.engine.engine import InferenceEngine
     from chatserver.models.loading import resolve_model
-    from chatserver.workers import core
+    from chatserver.workers import core, quality_gate
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     real_resolve = core.resolve_device
@@ -150,9 +152,13 @@ def test_worker_placement(monkeypatch, model_dir: Path, engine, device, gpus, ex
     settings = Settings.from_env(engine=engine, device=device, workers=2)
     eng = InferenceEngine(settings)
     eng._source = resolve_model("default", model_dir.parent, model_dir.name)
+    eng.tokenizer = AutoTokenizer.from_pretrained(model_dir)
     configs = eng._worker_configs()
     assert [c.device for c in configs] == expected
-    assert {c.dtype for c in configs} == {"bfloat16" if gpus else "int8"}
+    # Each worker picks its precision on its device (test_precision.py has the chains)
+    # and gates it against the probe the server tokenized.
+    assert {c.dtype for c in configs} == {"auto"}
+    assert all(len(c.probe_ids) == quality_gate.PROBE_TOKENS for c in configs)
 
 
 async def test_stream_hands_a_lagging_reader_all_queued_text_at_once(model_dir: Path) -> None:

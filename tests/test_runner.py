@@ -6,6 +6,7 @@ sequence's greedy output must not depend on what else shares its batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -15,10 +16,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chatserver.models.prompt import render
 from chatserver.protocol.worker import CancelRequest, GenerateRequest, SamplingParams, WorkerConfig
+from chatserver.workers import cpu_features, quality_gate
 from chatserver.workers.core import build_core
-from chatserver.workers.runner import DownProjWeight, LlamaRunner, StepItem
+from chatserver.workers.kernels import DownProjLinear
+from chatserver.workers.precision import int8_kernels
+from chatserver.workers.runner import LlamaRunner, StepItem
 
-QUALITY_TEXT = Path(__file__).parent / "data" / "quality_text.txt"
+QUALITY_TEXT = quality_gate.QUALITY_TEXT
+CPU = cpu_features.detect()
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -101,6 +106,36 @@ def test_greedy_output_is_batch_invariant_fp32(tokenizer, model_dir):
         assert alone == batched[i], f"prompt {i} differs in a batch"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_reduced_precision_batch_effect_within_its_error(tokenizer, model_dir, dtype):
+    """bf16 and int8 are not batch invariant (README, Precision): GEMM blocking, int8
+    activation ranges and down_proj's kernel depend on the step's rows, so greedy text
+    alone and in a batch can part. What holds: the batch moves a prompt's logits by at
+    most a few times what the precision itself moves them from float32 (int8 on the
+    AVX2 machine: 0.25 vs 0.12 relative: a wider shared activation range costs about
+    one bit), and nowhere near a mix-up between sequences (~1)."""
+    prompts = [chat_ids(tokenizer, PROMPTS[i % len(PROMPTS)] + " " * (i // 8)) for i in range(16)]
+
+    def logits(dtype: str, together: bool) -> torch.Tensor:
+        config = WorkerConfig(str(model_dir), "m", "cpu", dtype, 1024, 16, 512, 2)
+        runner = build_core(0, dataclasses.replace(config, skip_quality_gate=True))[0].runner
+        if together:
+            items = [StepItem(i, i, ids, 0, True) for i, ids in enumerate(prompts)]
+            return runner.forward(items, len(prompts))
+        return torch.cat([runner.forward([StepItem(0, 0, ids, 0, True)], 1) for ids in prompts])
+
+    exact = logits("float32", together=False)
+    alone, batched = logits(dtype, together=False), logits(dtype, together=True)
+    exact_batched = logits("float32", together=True)
+    assert ((exact_batched - exact).norm() / exact.norm()) < 1e-4  # float32: rounding only
+    for i in range(len(prompts)):
+        precision_error = (alone[i] - exact[i]).norm() / exact[i].norm()
+        batch_effect = (batched[i] - alone[i]).norm() / alone[i].norm()
+        bound = 3 * max(precision_error, 1e-3)
+        assert batch_effect <= bound, f"prompt {i}: {batch_effect:.4f} > {bound:.4f}"
+
+
 def test_cancel_frees_slot_within_one_step(tokenizer, model_dir):
     core, _ = build_core(0, WorkerConfig(str(model_dir), "m", "cpu", "float32", 512, 4, 256, 2))
     for i in range(3):
@@ -130,27 +165,35 @@ def test_seeded_sampling_is_reproducible(tokenizer, model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
-def test_reduced_precision_quality(hf_model, tokenizer, dtype, model_dir):
-    """Perplexity on a fixed text stays within 6% of fp32, and the test prompt's answer holds."""
+@pytest.mark.parametrize("path", ["bfloat16", "int8:avx2", "int8:vnni"])
+def test_reduced_precision_quality(hf_model, tokenizer, path, model_dir):
+    """Every kernel path this CPU runs correctly: perplexity within 5% of fp32 in one
+    prefill and one token a step, and the test prompt's answer holds."""
+    dtype, _, kernels = path.partition(":")
+    if kernels == "vnni" and not CPU.vnni:
+        pytest.skip(
+            f"int8-vnni needs VNNI; this CPU ({CPU.kind}) has none, and "
+            "test_quality_gate.py::test_int8_kernel_paths shows the gate refuses it here"
+        )
     ids = tokenizer(QUALITY_TEXT.read_text())["input_ids"][:512]
     fp32 = math.exp(LlamaRunner(hf_model, 1024).score(ids))
-    core, _ = build_core(0, WorkerConfig(str(model_dir), "m", "cpu", dtype, 1024, 4, 512, 2))
-    reduced = math.exp(core.runner.score(ids))
-    assert reduced / fp32 < 1.06, f"{dtype} perplexity {reduced:.2f} vs fp32 {fp32:.2f}"
-    if dtype == "int8":
-        # One token a step: the kernels a single stream decodes with (int8 down_proj).
-        decoded = math.exp(core.runner.score(ids, chunk=1))
-        assert decoded / fp32 < 1.06, f"int8 decode perplexity {decoded:.2f} vs fp32 {fp32:.2f}"
+    config = WorkerConfig(
+        str(model_dir), "m", "cpu", dtype, 1024, 4, 512, 2, int8_kernels=kernels or "auto"
+    )
+    core, _ = build_core(0, config)
+    for chunk in (None, 1):
+        reduced = math.exp(core.runner.score(ids, chunk=chunk))
+        assert reduced / fp32 < 1.05, f"{path} chunk={chunk}: {reduced:.2f} vs fp32 {fp32:.2f}"
     answer = run_core(core, [chat_ids(tokenizer, PROMPTS[0])], 12)[0]
     assert "Paris" in tokenizer.decode(answer)
 
 
-def test_down_proj_kernels_agree_with_fp32():
-    """Both of down_proj's kernels (int8 for few rows, bf16 for many) stay near fp32."""
+@pytest.mark.parametrize("kernels", ["avx2", "vnni"])
+def test_down_proj_kernels_agree_with_fp32(kernels: str):
+    """Both of down_proj's kernels (int8 for few rows, float for many) stay near fp32."""
     torch.manual_seed(0)
     weight = torch.randn(576, 1536) * 0.02
-    down = DownProjWeight(weight)
+    down = DownProjLinear(weight, int8_kernels(CPU, kernels))
     for rows in (1, down.int8_max_rows, down.int8_max_rows + 1, 32):
         x = torch.randn(rows, 1536)
         exact = x @ weight.T

@@ -3,7 +3,9 @@
 /healthz answers while the event loop runs; /readyz only once every worker has
 loaded the model, so traffic is not sent to a server that would answer 503.
 /readyz also counts the generations under way, for balancing and for checking
-that replies whose clients left were cancelled.
+that replies whose clients left were cancelled, and says which precision the
+workers serve: dtype, kernel path, the CPU's capability and the quality gate's
+figures (workers/quality_gate.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ async def readyz(request: web.Request) -> web.Response:
         "status": "ready" if engine.ready else "loading",
         "model": engine.model_id,
         "generations": len(request.app[INFLIGHT].live()),
+        "precision": engine.precision or {"dtype": engine.dtype},
     }
     if not engine.ready:
         body["reason"] = engine.failure or "the model workers are loading"

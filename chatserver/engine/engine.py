@@ -50,15 +50,11 @@ from chatserver.protocol.worker import (
     WorkerReady,
     WorkerToServer,
 )
+from chatserver.workers import quality_gate
 from chatserver.workers.host import WorkerHost
 
 log = logging.getLogger(__name__)
 
-# Measured with `python -m load_tests.precision` on the 2-core AVX-512 machine
-# (README, "Precision"): one stream decodes at 52.6 tok/s with int8 weights
-# (down_proj in bf16), 30.5 with bf16, 17.5 with fp32; perplexity +4.5% over
-# fp32, and the test prompt answered the same.
-CPU_DEFAULT_DTYPE = "int8"
 _END = object()
 # A worker that keeps dying (out of memory at load, say) is not restarted forever.
 MAX_RESTARTS = 3
@@ -142,7 +138,11 @@ class InferenceEngine:
         self.engine_kind = ""
         self.device = ""
         self.dtype = ""
+        self.precision: dict[str, Any] = {}
         self.failure: str | None = None
+        # Set when a worker cannot load and retrying cannot help (quality gate,
+        # unavailable dtype): the server process exits instead of never getting ready.
+        self.fatal = asyncio.Event()
         self.stop_token_ids: tuple[int, ...] = ()
         self.default_temperature = 0.0
         self.default_top_p = 1.0
@@ -173,6 +173,7 @@ class InferenceEngine:
             "engine": self.engine_kind,
             "device": self.device,
             "dtype": self.dtype,
+            "precision": self.precision,
             "workers": len(self._workers),
             "workers_ready": len(self._ready),
             "max_context": self.max_context,
@@ -245,23 +246,27 @@ class InferenceEngine:
         if kind == "pool":
             devices = [device] * (s.workers or max(1, cpus // 2))
         count = len(devices)
-        dtype = s.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") else CPU_DEFAULT_DTYPE
         threads = s.threads_per_worker or max(1, cpus // count)
-        self.engine_kind, self.device, self.dtype = kind, device, dtype
+        # "auto" until a worker reports what its quality gate chose.
+        self.engine_kind, self.device, self.dtype = kind, device, s.dtype
+        probe = tuple(quality_gate.probe_ids(self.tokenizer)) if not s.skip_quality_gate else ()
         return [
             WorkerConfig(
                 model_path=self._source.path,
                 model_id=self.model_id,
                 device=worker_device,
-                dtype=dtype,
+                dtype=s.dtype,
                 max_context=self.max_context,
                 max_batch=s.max_batch,
                 prefill_chunk=s.prefill_chunk,
                 threads=threads,
                 nice=5 if device == "cpu" and kind in ("gpu", "pool") else 0,
                 compile=s.compile,
+                int8_kernels=s.int8_kernels,
+                skip_quality_gate=s.skip_quality_gate,
+                quality_max_ppl_ratio=s.quality_max_ppl_ratio,
+                quality_min_top1=s.quality_min_top1,
+                probe_ids=probe,
             )
             for worker_device in devices
         ]
@@ -346,18 +351,29 @@ class InferenceEngine:
             self._outputs[msg.worker_id].put_nowait(msg)
         elif isinstance(msg, WorkerReady):
             log.info(
-                "worker %d ready: %s on %s (%s, %s)",
+                "worker %d ready: %s on %s (%s, kernels %s, %s)",
                 msg.worker_id,
                 msg.model_id,
                 msg.device,
                 msg.dtype,
+                msg.kernels,
                 msg.runner,
             )
             self.dtype = msg.dtype
+            self.precision = {
+                "dtype": msg.dtype,
+                "kernels": msg.kernels,
+                "device": msg.device,
+                "runner": msg.runner,
+                **msg.cpu,
+                "quality_gate": list(msg.quality_gate),
+            }
             self._ready.add(msg.worker_id)
         elif isinstance(msg, WorkerFailed):
             self.failure = f"worker {msg.worker_id} failed: {msg.message}"
             log.error(self.failure)
+            if msg.fatal:
+                self.fatal.set()
 
     def _on_exit(self, worker_id: int) -> None:
         self._ready.discard(worker_id)

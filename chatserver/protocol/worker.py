@@ -48,12 +48,22 @@ class Shutdown:
 
 @dataclass(frozen=True, slots=True)
 class WorkerReady:
+    """The worker serves `dtype` computed by `kernels`, chosen on `cpu` by the quality gate.
+
+    ``quality_gate`` holds one dict per candidate precision measured (see
+    workers/quality_gate.py ``GateResult``), the failed ones first; empty when
+    the gate was skipped or the reference float32 was chosen outright.
+    """
+
     worker_id: int
     model_id: str
     device: str
     dtype: str
     max_context: int
     runner: str
+    kernels: str = ""
+    cpu: dict[str, object] = field(default_factory=dict)
+    quality_gate: tuple[dict[str, object], ...] = ()
 
 
 @dataclass(slots=True)
@@ -73,8 +83,12 @@ class StepOutput:
 
 @dataclass(frozen=True, slots=True)
 class WorkerFailed:
+    """A worker could not load. ``fatal``: retrying cannot help (a precision that
+    failed the quality gate, a dtype the device lacks), so the server exits."""
+
     worker_id: int
     message: str
+    fatal: bool = False
 
 
 ServerToWorker = GenerateRequest | CancelRequest | Shutdown
@@ -88,10 +102,15 @@ class WorkerConfig:
     model_path: str
     model_id: str
     device: str  # "cpu", "cuda", "cuda:1"
-    dtype: str  # "float32", "bfloat16", "float16", "int8"
+    dtype: str  # "auto", "float32", "bfloat16", "float16", "int8"
     max_context: int
     max_batch: int
     prefill_chunk: int
     threads: int
     nice: int = 0
     compile: bool = False  # torch.compile the runner's fusable pieces
+    int8_kernels: str = "auto"  # "auto" (from CPU features), "vnni", "avx2"
+    skip_quality_gate: bool = False
+    quality_max_ppl_ratio: float = 1.05
+    quality_min_top1: float = 0.85
+    probe_ids: tuple[int, ...] = ()  # the quality gate's probe, tokenized by the server

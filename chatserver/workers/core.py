@@ -7,8 +7,10 @@ each step returns the `StepOutput` to send back to the server.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from typing import Any
 
 import torch
 
@@ -21,18 +23,14 @@ from chatserver.protocol.worker import (
     Shutdown,
     StepOutput,
     WorkerConfig,
+    WorkerFailed,
     WorkerReady,
 )
-from chatserver.workers.runner import HFRunner, LlamaRunner, build_runner
+from chatserver.workers import cpu_features, precision, quality_gate
+from chatserver.workers.runner import HFRunner, LlamaRunner, build_runner, supports_fast_runner
 from chatserver.workers.scheduler import BatchScheduler, Sequence
 
 log = logging.getLogger(__name__)
-
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 
 class WorkerCore:
@@ -117,38 +115,124 @@ def resolve_device(device: str) -> str:
 
 
 def build_core(worker_id: int, config: WorkerConfig) -> tuple[WorkerCore, WorkerReady]:
-    """Load the model as configured and wrap it in a WorkerCore (runs in the worker)."""
+    """Load the model, pick the fastest precision that passes the quality gate, wrap it.
+
+    Runs in the worker. Raises QualityGateFailed (with the measured figures)
+    when no candidate passes, PrecisionUnavailable for a dtype the device lacks.
+    """
     started = time.monotonic()
     if config.threads > 0 and config.device == "cpu":
         torch.set_num_threads(config.threads)
-    dtype = config.dtype
-    if dtype == "int8" and config.device != "cpu":
-        log.warning("int8 weights use CPU kernels; loading bfloat16 on %s instead", config.device)
-        dtype = "bfloat16"
-    int8 = dtype == "int8"
-    load_dtype = torch.float32 if int8 else TORCH_DTYPES[dtype]
+    cpu = cpu_features.detect()
+    chain = precision.candidates(config.dtype, config.device, cpu, config.int8_kernels)
+    gated = not config.skip_quality_gate
     source = ModelSource(config.model_id, config.model_path, True)
+    # The gate's reference and the int8 kernels both start from float32 weights.
+    load_dtype = torch.float32 if gated or len(chain) > 1 else chain[0].load_dtype
     model = load_model(source, load_dtype, config.device)
-    compile = config.compile and not int8
-    if config.compile and int8:
-        # Compiled, the fbgemm int8 kernels gave other numerics (greedy answers
-        # changed from the first token); int8 is CPU-only, where compile measured slower.
-        log.warning("--compile is for float dtypes; int8 runs eager")
-    runner = build_runner(model, config.max_context, int8=int8, compile=compile)
-    if compile and not isinstance(runner, LlamaRunner):
-        log.warning("--compile applies to the Llama-family runner only; running eager")
-    if int8 and not isinstance(runner, LlamaRunner):
-        dtype = "float32"  # the generic runner has no int8 path
+    reference = probe = None
+    if gated:
+        probe = list(config.probe_ids) or _probe_from(config.model_path)
+        reference = quality_gate.reference_logits(model, probe)
+    bounds = quality_gate.GateBounds(config.quality_max_ppl_ratio, config.quality_min_top1)
+    results: list[quality_gate.GateResult] = []
+    runner: LlamaRunner | HFRunner | None = None
+    chosen: precision.Candidate | None = None
+    for index, candidate in enumerate(chain):
+        last = index == len(chain) - 1
+        runner = _runner_for(model, candidate, config, keep_float32=not last)
+        if runner is None:
+            log.info(
+                "worker %d: %s needs the Llama-family runner; next", worker_id, candidate.kernels
+            )
+            continue
+        if not gated or candidate.is_reference:
+            chosen = candidate
+            break
+        assert reference is not None and probe is not None
+        result = quality_gate.check(
+            runner, reference, probe, candidate.dtype, candidate.kernels, bounds
+        )
+        results.append(result)
+        log.info(
+            "worker %d: quality gate %s (%s): perplexity x%.3f, decode x%.3f, top-1 %.3f, %.1fs: %s",
+            worker_id,
+            candidate.dtype,
+            candidate.kernels,
+            result.ppl_ratio,
+            result.decode_ppl_ratio,
+            result.top1_agreement,
+            result.seconds,
+            "passed" if result.passed else "FAILED: " + result.reason,
+        )
+        if result.passed:
+            chosen = candidate
+            break
+    if chosen is None or runner is None:
+        tried = "; ".join(f"{r.dtype} ({r.kernels}): {r.reason}" for r in results)
+        raise quality_gate.QualityGateFailed(
+            f"--dtype {config.dtype} failed the quality gate on this CPU "
+            f"({cpu.model}, {cpu.capability}): {tried or 'no candidate could run'}. "
+            "Choose another --dtype (or --dtype auto), or pass --skip-quality-gate "
+            "to serve it anyway"
+        )
+    del model  # the runner keeps what it needs
     log.info(
-        "worker %d: %s on %s (%s, runner %s) ready in %.1fs",
+        "worker %d: %s on %s (%s, kernels %s, runner %s, CPU %s) ready in %.1fs",
         worker_id,
         config.model_id,
         config.device,
-        dtype,
+        chosen.dtype,
+        chosen.kernels,
         runner.name,
+        cpu.capability,
         time.monotonic() - started,
     )
     ready = WorkerReady(
-        worker_id, config.model_id, config.device, dtype, config.max_context, runner.name
+        worker_id,
+        config.model_id,
+        config.device,
+        chosen.dtype,
+        config.max_context,
+        runner.name,
+        kernels=chosen.kernels,
+        cpu=cpu.describe(),
+        quality_gate=tuple(r.as_dict() for r in results),
     )
     return WorkerCore(worker_id, config, runner), ready
+
+
+def load_failure(worker_id: int, exc: Exception) -> WorkerFailed:
+    """The message a worker that could not load sends; fatal when a retry cannot help."""
+    fatal = isinstance(exc, quality_gate.QualityGateFailed | precision.PrecisionUnavailable)
+    text = str(exc) if fatal else f"{type(exc).__name__}: {exc}"
+    return WorkerFailed(worker_id, text, fatal=fatal)
+
+
+def _probe_from(model_path: str) -> list[int]:
+    """The probe for callers that did not send one (benchmarks, tests building a core)."""
+    from transformers import AutoTokenizer
+
+    return quality_gate.probe_ids(AutoTokenizer.from_pretrained(model_path))
+
+
+def _runner_for(
+    model: Any, candidate: precision.Candidate, config: WorkerConfig, keep_float32: bool
+) -> LlamaRunner | HFRunner | None:
+    """A runner computing in `candidate`'s precision, or None if this model has no such path.
+
+    `model` holds float32 weights (or already the only candidate's dtype); a float
+    candidate that may still fail gets a converted copy, so the next one starts
+    from the original weights.
+    """
+    if candidate.int8 is not None:
+        if not supports_fast_runner(model):
+            return None
+        return build_runner(model, config.max_context, int8=candidate.int8)
+    dtype = candidate.load_dtype
+    if next(model.parameters()).dtype != dtype:
+        model = (copy.deepcopy(model) if keep_float32 else model).to(dtype)
+    runner = build_runner(model, config.max_context, compile=config.compile)
+    if config.compile and not isinstance(runner, LlamaRunner):
+        log.warning("--compile applies to the Llama-family runner only; running eager")
+    return runner

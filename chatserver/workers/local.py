@@ -19,10 +19,9 @@ from chatserver.protocol.worker import (
     ServerToWorker,
     Shutdown,
     WorkerConfig,
-    WorkerFailed,
     WorkerToServer,
 )
-from chatserver.workers.core import WorkerCore, build_core
+from chatserver.workers.core import WorkerCore, build_core, load_failure
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ class ThreadWorker:
                 core, ready = build_core(self.worker_id, self.config)
             except Exception as exc:
                 log.exception("thread worker failed to load")
-                loop.call_soon_threadsafe(on_message, WorkerFailed(self.worker_id, str(exc)))
+                loop.call_soon_threadsafe(on_message, load_failure(self.worker_id, exc))
                 return
             loop.call_soon_threadsafe(on_message, ready)
             while True:

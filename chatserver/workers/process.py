@@ -25,7 +25,6 @@ from chatserver.protocol.worker import (
     ServerToWorker,
     Shutdown,
     WorkerConfig,
-    WorkerFailed,
     WorkerToServer,
 )
 
@@ -39,13 +38,13 @@ def worker_main(worker_id: int, config: WorkerConfig, conn: Connection, log_leve
     )
     if config.nice:
         os.nice(config.nice)
-    from chatserver.workers.core import build_core
+    from chatserver.workers.core import build_core, load_failure
 
     try:
         core, ready = build_core(worker_id, config)
     except Exception as exc:  # tell the server why, instead of dying silently
         log.exception("worker %d failed to load", worker_id)
-        conn.send(WorkerFailed(worker_id, f"{type(exc).__name__}: {exc}"))
+        conn.send(load_failure(worker_id, exc))
         return
     conn.send(ready)
 

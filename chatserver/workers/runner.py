@@ -40,6 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from chatserver.workers.kernels import DownProjLinear, Int8Kernels, Int8Linear
+
 
 @dataclass(slots=True)
 class StepItem:
@@ -52,59 +54,9 @@ class StepItem:
     wants_logits: bool
 
 
-class Int8Weight:
-    """A linear weight quantized per output channel to int8 (fbgemm, dynamic activations).
-
-    On CPU a decode step is bound by reading weights from memory; int8 weights are
-    a quarter of fp32's bytes, and fbgemm's VNNI kernels keep the matmul cheap.
-    """
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        w = weight.detach().float()
-        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8).double()
-        zero_points = torch.zeros(w.shape[0], dtype=torch.long)
-        qweight = torch.quantize_per_channel(w, scales, zero_points, 0, torch.qint8)
-        self.packed = torch.ops.quantized.linear_prepack(qweight, None)
-        self.shape = weight.shape
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # reduce_range=False: VNNI accumulates in int32, so the full 8 bits are safe.
-        return torch.ops.quantized.linear_dynamic(x, self.packed, False)
-
-
-class DownProjWeight:
-    """down_proj's weight beside int8 ones, with its activations left unquantized.
-
-    down_proj's inputs carry outlier channels that per-tensor int8 activations
-    cannot represent (perplexity 15.8 -> 28.4 when quantized like the others), so
-    only its weights are narrowed. For a few rows (single-stream decode) the step
-    is bound by reading weights, and `_weight_int8pack_mm` reads int8 weights
-    against bf16 activations; for more rows that kernel loses to a bf16 GEMM
-    (30 layers' down_proj on the 2-core CPU: int8 1.5 vs bf16 3.7 ms at 1 row,
-    2.4 vs 3.8 at 4, even at 8, 7.2 vs 5.7 at 16), so both copies are kept.
-    """
-
-    int8_max_rows = 4
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        w = weight.detach().float()
-        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
-        self.qweight = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
-        self.scales = scales.to(torch.bfloat16)
-        self.weight = weight.detach().to(torch.bfloat16)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xb = x.to(torch.bfloat16)
-        if x.shape[0] <= self.int8_max_rows:
-            out = torch._weight_int8pack_mm(xb, self.qweight, self.scales)
-        else:
-            out = F.linear(xb, self.weight)
-        return out.to(x.dtype)
-
-
 def linear(
     x: torch.Tensor,
-    weight: torch.Tensor | Int8Weight | DownProjWeight,
+    weight: torch.Tensor | Int8Linear | DownProjLinear,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor):
@@ -131,7 +83,7 @@ class LlamaRunner:
         model: Any,
         max_context: int,
         initial_slots: int = 8,
-        int8: bool = False,
+        int8: Int8Kernels | None = None,
         compile: bool = False,
     ) -> None:
         cfg = model.config
@@ -173,10 +125,19 @@ class LlamaRunner:
             )
         self.intermediate = self.layers[0][5].shape[0] // 2
         self.int8 = int8
-        if int8:
-            self.lm_head = Int8Weight(self.lm_head)
+        if int8 is not None:
+            wmax = int8.weight_max
+            self.lm_head = Int8Linear(self.lm_head, wmax)
             self.layers = [
-                (ln1, Int8Weight(qkv), b, Int8Weight(o), ln2, Int8Weight(gu), DownProjWeight(down))
+                (
+                    ln1,
+                    Int8Linear(qkv, wmax),
+                    b,
+                    Int8Linear(o, wmax),
+                    ln2,
+                    Int8Linear(gu, wmax),
+                    DownProjLinear(down, int8),
+                )
                 for ln1, qkv, b, o, ln2, gu, down in self.layers
             ]
         # Rotary tables from the model's own rotary module, so every RoPE variant
@@ -258,20 +219,25 @@ class LlamaRunner:
         return linear(last, self.lm_head).float()
 
     @torch.inference_mode()
-    def score(self, token_ids: list[int], chunk: int | None = None) -> float:
-        """Mean negative log-likelihood of `token_ids` (for perplexity checks), in slot 0.
+    def sequence_logits(self, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
+        """float32 logits at every position of `token_ids`, computed in slot 0.
 
         `chunk` feeds the text through the KV cache that many tokens a step;
-        `chunk=1` measures the kernels single-stream decoding actually runs.
+        `chunk=1` runs the kernels single-stream decoding actually runs.
         """
         chunk = chunk or len(token_ids)
         logits = []
-        for start in range(0, len(token_ids) - 1, chunk):
-            piece = token_ids[start : min(start + chunk, len(token_ids) - 1)]
+        for start in range(0, len(token_ids), chunk):
+            piece = token_ids[start : start + chunk]
             x, _ = self._hidden([StepItem(-1, 0, piece, start, False)], 1)
             logits.append(linear(self._rms(x, self.final_norm), self.lm_head).float())
+        return torch.cat(logits)
+
+    def score(self, token_ids: list[int], chunk: int | None = None) -> float:
+        """Mean negative log-likelihood of `token_ids` (for perplexity checks)."""
+        logits = self.sequence_logits(token_ids[:-1], chunk)
         target = torch.tensor(token_ids[1:], device=self.device)
-        return F.cross_entropy(torch.cat(logits), target).item()
+        return F.cross_entropy(logits, target).item()
 
     def _hidden(self, items: list[StepItem], active_slots: int) -> tuple[torch.Tensor, list[int]]:
         ends = [it.start + len(it.token_ids) for it in items]
@@ -425,6 +391,20 @@ class HFRunner:
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Caches are per sequence, not per slot: nothing to move."""
 
+    @torch.inference_mode()
+    def sequence_logits(self, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
+        """float32 logits at every position, fed `chunk` tokens a step through one cache."""
+        from transformers import DynamicCache
+
+        chunk = chunk or len(token_ids)
+        cache = DynamicCache()
+        logits = []
+        for start in range(0, len(token_ids), chunk):
+            ids = torch.tensor([token_ids[start : start + chunk]], device=self.device)
+            out = self.model(input_ids=ids, use_cache=True, **{self.cache_arg: cache})
+            logits.append(out.logits[0].float())
+        return torch.cat(logits)
+
     def release(self, seq_id: int) -> None:
         self.caches.pop(seq_id, None)
 
@@ -444,8 +424,13 @@ class HFRunner:
         return torch.stack(logits)
 
 
+def supports_fast_runner(model: Any) -> bool:
+    """True when LlamaRunner (batched, with int8 kernels) can run this model."""
+    return _supported(model)
+
+
 def build_runner(
-    model: Any, max_context: int, int8: bool = False, compile: bool = False
+    model: Any, max_context: int, int8: Int8Kernels | None = None, compile: bool = False
 ) -> LlamaRunner | HFRunner:
     if _supported(model):
         return LlamaRunner(model, max_context, int8=int8, compile=compile)

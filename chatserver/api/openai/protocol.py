@@ -173,12 +173,25 @@ def usage_chunk(
     }
 
 
-def model_card(model_id: str, created: int) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "chatserver"}
+def model_card(
+    model_id: str, created: int, precision: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """OpenAI's model object; ``chatserver`` is our extension: what actually serves it."""
+    card: dict[str, Any] = {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "chatserver",
+    }
+    if precision:
+        card["chatserver"] = {"precision": precision}
+    return card
 
 
-def model_list(model_id: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [model_card(model_id, created)]}
+def model_list(
+    model_id: str, created: int, precision: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(model_id, created, precision)]}
 
 
 def sse_event(data: dict[str, Any] | str) -> bytes:

@@ -30,11 +30,15 @@ class OpenAIServing:
         self.created = int(time.time())
 
     def models(self) -> dict[str, Any]:
-        return protocol.model_list(self.engine.model_id, self.created)
+        return protocol.model_list(self.engine.model_id, self.created, self._precision())
 
     def model(self, model_id: str) -> dict[str, Any]:
         self.check_model(model_id)
-        return protocol.model_card(model_id, self.created)
+        return protocol.model_card(model_id, self.created, self._precision())
+
+    def _precision(self) -> dict[str, Any]:
+        """The serving precision without the gate's per-candidate detail (that is in /readyz)."""
+        return {k: v for k, v in self.engine.precision.items() if k != "quality_gate"}
 
     def check_model(self, model: str) -> None:
         if model != self.engine.model_id:

@@ -1,0 +1,85 @@
+"""int8 linear kernels for the CPU runner, in the variants each kind of CPU needs.
+
+On CPU a decode step is bound by reading weights from memory; int8 weights are
+a quarter of float32's bytes, and fbgemm's dynamic int8 GEMM is the fastest
+kernel we measured at every batch size on both kinds of CPU. It quantizes
+activations to u8 per tensor and multiplies them with s8 weights:
+
+* with VNNI the products accumulate in int32, so weights use the full s8 range;
+* without VNNI (AVX2) fbgemm multiplies pairs with `vpmaddubsw` into saturating
+  int16, so weights are limited to 7 bits (|w| <= 63: 255 * 63 * 2 = 32130 fits).
+  Full-range weights there gave perplexity 2819 instead of 16 (noise), and
+  `reduce_range` (7-bit activations instead) 19.7: activations matter more.
+
+Activations are quantized per tensor, so in a step of many rows each row
+loses the bits its neighbours' wider range takes. Each row is scaled to
+|x| <= 1 first and scaled back after the GEMM (a linear map commutes with
+it): perplexity of a 335-token prefill 17.07 -> 16.50 (fp32 15.96) on the AVX2
+machine, `python -m load_tests.precision`, for two cheap elementwise ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Int8Kernels:
+    """Which int8 kernels a runner uses; one value per kind of CPU (see precision.py)."""
+
+    name: str  # reported in /readyz: "int8-vnni", "int8-avx2"
+    weight_max: int  # 127 (VNNI) or 63 (AVX2: no int16 saturation)
+    # down_proj: weight-only int8 (float activations) up to this many rows,
+    # then a float GEMM in `down_wide_dtype` (bf16 is fast only natively).
+    down_int8_max_rows: int
+    down_wide_dtype: torch.dtype
+
+
+class Int8Linear:
+    """A linear weight quantized per output channel, activations quantized per call (fbgemm)."""
+
+    def __init__(self, weight: torch.Tensor, weight_max: int = 127) -> None:
+        w = weight.detach().float()
+        scales = (w.abs().amax(dim=1) / weight_max).clamp(min=1e-8).double()
+        zero_points = torch.zeros(w.shape[0], dtype=torch.long)
+        qweight = torch.quantize_per_channel(w, scales, zero_points, 0, torch.qint8)
+        self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.shape = weight.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:  # one row: per-tensor is already per-row
+            return torch.ops.quantized.linear_dynamic(x, self.packed, False)
+        scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-6)
+        return torch.ops.quantized.linear_dynamic(x / scale, self.packed, False) * scale
+
+
+class DownProjLinear:
+    """down_proj beside int8 ones, with its activations left unquantized.
+
+    down_proj's inputs carry outlier channels that per-tensor int8 activations
+    cannot represent (perplexity 15.96 -> 23.6 on the AVX2 machine when
+    quantized like the others), so only its weights are narrowed. For a few
+    rows the step is bound by reading weights and `_weight_int8pack_mm` reads
+    int8 weights against bf16 activations; for more rows a float GEMM wins
+    (30 layers' down_proj, AVX2 machine: int8 1.3 ms vs fp32 2.5 at 1 row,
+    5.1 vs 7.3 at 8, 9.9 vs 9.6 at 16; bf16 is 4x slower than fp32 there
+    without native bf16; on the AVX-512+BF16 machine bf16 won from 8 rows).
+    """
+
+    def __init__(self, weight: torch.Tensor, kernels: Int8Kernels) -> None:
+        w = weight.detach().float()
+        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+        self.qweight = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+        self.scales = scales.to(torch.bfloat16)
+        self.int8_max_rows = kernels.down_int8_max_rows
+        self.weight = weight.detach().to(kernels.down_wide_dtype).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= self.int8_max_rows:
+            out = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales)
+        else:
+            out = F.linear(x.to(self.weight.dtype), self.weight)
+        return out.to(x.dtype)

@@ -1,0 +1,98 @@
+"""Which precisions a worker may serve, fastest first, for the device and CPU it runs on.
+
+`--dtype auto` walks the whole chain until one passes the quality gate
+(quality_gate.py); an explicit `--dtype` is a chain of one. The order on CPU
+comes from `python -m load_tests.precision` on each kind of CPU (README,
+"Precision"): int8 first everywhere; then bfloat16 only where the CPU has
+native bf16 (without it a bf16 GEMM measured 4-10x slower than float32 at
+16+ rows on the AVX2 machine), then float32, the reference, which always passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from chatserver.config import INT8_KERNEL_CHOICES
+from chatserver.workers.cpu_features import CpuFeatures
+from chatserver.workers.kernels import Int8Kernels
+
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One precision to try: the dtype clients see and the kernels that compute it."""
+
+    dtype: str  # "int8", "bfloat16", "float16", "float32"
+    kernels: str  # what /readyz reports, e.g. "int8-avx2", "bfloat16-native", "float32"
+    int8: Int8Kernels | None = None
+
+    @property
+    def load_dtype(self) -> torch.dtype:
+        """int8 is quantized from float32 weights."""
+        return torch.float32 if self.int8 else TORCH_DTYPES[self.dtype]
+
+    @property
+    def is_reference(self) -> bool:
+        return self.dtype == "float32"
+
+
+class PrecisionUnavailable(ValueError):
+    """The asked-for precision cannot run on this device at all."""
+
+
+def int8_kernels(cpu: CpuFeatures, choice: str = "auto") -> Int8Kernels:
+    """The int8 kernel variant for this CPU, or the one `--int8-kernels` forces.
+
+    Forcing "vnni" on a CPU without VNNI is allowed on purpose: the quality
+    gate then shows (and tests prove) that it answers with noise there.
+    """
+    if choice not in INT8_KERNEL_CHOICES:
+        raise PrecisionUnavailable(f"--int8-kernels must be one of {INT8_KERNEL_CHOICES}")
+    use_vnni = cpu.vnni if choice == "auto" else choice == "vnni"
+    wide = torch.bfloat16 if cpu.native_bf16 else torch.float32
+    if use_vnni:
+        return Int8Kernels("int8-vnni", weight_max=127, down_int8_max_rows=4, down_wide_dtype=wide)
+    return Int8Kernels("int8-avx2", weight_max=63, down_int8_max_rows=8, down_wide_dtype=wide)
+
+
+def _int8(cpu: CpuFeatures, choice: str) -> Candidate:
+    kernels = int8_kernels(cpu, choice)
+    return Candidate("int8", kernels.name, kernels)
+
+
+def _float(dtype: str, device: str, cpu: CpuFeatures) -> Candidate:
+    if device.startswith("cuda"):
+        return Candidate(dtype, f"cuda-{dtype}")
+    if dtype == "bfloat16":
+        return Candidate(dtype, "bfloat16-native" if cpu.native_bf16 else "bfloat16-emulated")
+    return Candidate(dtype, dtype)
+
+
+def candidates(
+    dtype: str, device: str, cpu: CpuFeatures, int8_choice: str = "auto"
+) -> list[Candidate]:
+    """The chain to try, fastest first; the last is the fallback of last resort."""
+    cuda = device.startswith("cuda")
+    if dtype == "auto":
+        if cuda:
+            return [_float("bfloat16", device, cpu), _float("float32", device, cpu)]
+        chain = [_int8(cpu, int8_choice)]
+        if cpu.native_bf16:
+            chain.append(_float("bfloat16", device, cpu))
+        chain.append(_float("float32", device, cpu))
+        return chain
+    if dtype == "int8":
+        if cuda:
+            # The int8 kernels are fbgemm's (CPU only); bf16 is the fast GPU path.
+            return [_float("bfloat16", device, cpu)]
+        return [_int8(cpu, int8_choice)]
+    if dtype not in TORCH_DTYPES:
+        raise PrecisionUnavailable(f"unknown dtype {dtype!r}")
+    return [_float(dtype, device, cpu)]

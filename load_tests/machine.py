@@ -1,0 +1,56 @@
+"""What a benchmark ran on, printed at the top of every report and saved in its JSON.
+
+Figures from an AVX2 CPU and an AVX-512+VNNI one differ by kernel, not by
+noise, so no number is recorded without the CPU's model, cores, torch's CPU
+capability and, where a server is measured, the precision it actually served
+(its /readyz says, after its quality gate chose).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import urllib.request
+from typing import Any
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    from chatserver.workers.cpu_features import detect
+
+    return {
+        **detect().describe(),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def server_precision(url: str) -> dict[str, Any]:
+    """The precision a running server serves (dtype, kernels, quality gate), from /readyz."""
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=5) as r:
+            return json.loads(r.read()).get("precision", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    return (
+        f"machine: {info['cpu_model']}, {info['cores']} cores, torch {info['torch']} "
+        f"CPU capability {info['cpu_capability']} ({info['cpu_kind']}), {info['date']}"
+    )
+
+
+def describe_precision(precision: dict[str, Any]) -> str:
+    if not precision:
+        return "precision: unknown (the server's /readyz did not say)"
+    gate = "; ".join(
+        f"{g['kernels']} {'passed' if g['passed'] else 'failed'} (ppl x{g['ppl_ratio']}, "
+        f"decode x{g['decode_ppl_ratio']}, top-1 {g['top1_agreement']})"
+        for g in precision.get("quality_gate", [])
+    )
+    return (
+        f"precision: {precision.get('dtype')} (kernels {precision.get('kernels')}) on "
+        f"{precision.get('device')}" + (f"; quality gate: {gate}" if gate else "")
+    )

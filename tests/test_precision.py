@@ -1,0 +1,94 @@
+"""chatserver.workers.cpu_features and precision: the kernels and fallback chain each CPU gets.
+
+The chain is pure logic over a CPU's feature flags, so every kind of CPU is
+checked here on any machine; the real model runs through each path in
+test_quality_gate.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatserver.workers import cpu_features
+from chatserver.workers.cpu_features import CpuFeatures
+from chatserver.workers.precision import PrecisionUnavailable, candidates, int8_kernels
+
+AVX2 = CpuFeatures("AMD EPYC (AVX2)", 2, "AVX2", frozenset({"avx2", "fma"}))
+AVX512_VNNI_BF16 = CpuFeatures(
+    "AMD EPYC (Zen 4)",
+    2,
+    "AVX512",
+    frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}),
+)
+AVX512_VNNI = CpuFeatures(
+    "Intel Xeon (Cascade Lake)", 2, "AVX512", frozenset({"avx2", "avx512f", "avx512_vnni"})
+)
+AVX2_VNNI = CpuFeatures("Intel Core (Alder Lake)", 8, "AVX2", frozenset({"avx2", "avx_vnni"}))
+
+
+def test_detect_reads_this_machine() -> None:
+    cpu = cpu_features.detect()
+    assert cpu.capability == torch.backends.cpu.get_cpu_capability()
+    assert cpu.cores >= 1
+    flags = Path("/proc/cpuinfo").read_text()
+    assert cpu.vnni == any(f" {f}" in flags for f in cpu_features.VNNI_FLAGS)
+    assert cpu.native_bf16 == any(f" {f}" in flags for f in cpu_features.BF16_FLAGS)
+    assert set(cpu.describe()) >= {"cpu_model", "cores", "cpu_capability", "cpu_kind"}
+
+
+@pytest.mark.parametrize(
+    ("cpu", "kind"),
+    [
+        (AVX2, "AVX2"),
+        (AVX2_VNNI, "AVX2+VNNI"),
+        (AVX512_VNNI, "AVX-512+VNNI"),
+        (AVX512_VNNI_BF16, "AVX-512+VNNI+BF16"),
+    ],
+)
+def test_cpu_kind(cpu: CpuFeatures, kind: str) -> None:
+    assert cpu.kind == kind
+
+
+def test_int8_kernels_follow_vnni() -> None:
+    """Full-range int8 weights only where int32 accumulation (VNNI) makes them exact."""
+    assert int8_kernels(AVX512_VNNI_BF16).name == "int8-vnni"
+    assert int8_kernels(AVX512_VNNI_BF16).weight_max == 127
+    assert int8_kernels(AVX2_VNNI).name == "int8-vnni"
+    avx2 = int8_kernels(AVX2)
+    assert avx2.name == "int8-avx2"
+    # 7-bit weights: u8 x s8 pair sums stay within int16 (vpmaddubsw saturates).
+    assert 2 * 255 * avx2.weight_max <= 32767
+    # bf16 GEMMs only where the CPU has native bf16; float32 otherwise.
+    assert avx2.down_wide_dtype == torch.float32
+    assert int8_kernels(AVX512_VNNI).down_wide_dtype == torch.float32
+    assert int8_kernels(AVX512_VNNI_BF16).down_wide_dtype == torch.bfloat16
+
+
+def test_forcing_kernels() -> None:
+    assert int8_kernels(AVX2, "vnni").name == "int8-vnni"  # allowed: the gate judges it
+    assert int8_kernels(AVX512_VNNI_BF16, "avx2").name == "int8-avx2"
+    with pytest.raises(PrecisionUnavailable):
+        int8_kernels(AVX2, "avx1024")
+
+
+def test_auto_chains_fastest_first_and_end_at_float32() -> None:
+    chain = [c.kernels for c in candidates("auto", "cpu", AVX2)]
+    assert chain == ["int8-avx2", "float32"]  # emulated bf16 is slower than float32 batched
+    chain = [c.kernels for c in candidates("auto", "cpu", AVX512_VNNI_BF16)]
+    assert chain == ["int8-vnni", "bfloat16-native", "float32"]
+    chain = [c.kernels for c in candidates("auto", "cuda:0", AVX2)]
+    assert chain == ["cuda-bfloat16", "cuda-float32"]
+    assert candidates("auto", "cpu", AVX2)[-1].is_reference
+
+
+def test_explicit_dtype_is_a_chain_of_one() -> None:
+    assert [c.kernels for c in candidates("int8", "cpu", AVX2)] == ["int8-avx2"]
+    assert [c.kernels for c in candidates("bfloat16", "cpu", AVX2)] == ["bfloat16-emulated"]
+    assert [c.kernels for c in candidates("float32", "cpu", AVX2)] == ["float32"]
+    # int8 kernels are fbgemm's (CPU); on a GPU int8 means its fast path, bf16.
+    assert [c.dtype for c in candidates("int8", "cuda", AVX2)] == ["bfloat16"]
+    with pytest.raises(PrecisionUnavailable):
+        candidates("int4", "cpu", AVX2)

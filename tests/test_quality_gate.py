@@ -1,0 +1,158 @@
+"""chatserver.workers.quality_gate on the real default model, through every kernel path.
+
+Each path this CPU can run is held to float32 here; a path it cannot run
+correctly (full-range int8 without VNNI) must be refused by the gate, which is
+the failure the gate exists for. The fallback chain and the server's refusal
+are forced by an unreachable bound, so they run on every kind of CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import aiohttp
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from chatserver.protocol.worker import WorkerConfig
+from chatserver.workers import cpu_features, quality_gate
+from chatserver.workers.core import build_core
+from chatserver.workers.quality_gate import QualityGateFailed
+from tests.serverproc import ServerProcess
+
+CPU = cpu_features.detect()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def text_ids(tokenizer) -> list[int]:
+    return tokenizer(quality_gate.QUALITY_TEXT.read_text())["input_ids"][:512]
+
+
+@pytest.fixture(scope="module")
+def fp32_perplexity(model_dir, text_ids) -> float:
+    core, ready = build_core(
+        0, WorkerConfig(str(model_dir), "m", "cpu", "float32", 1024, 4, 512, 2)
+    )
+    assert ready.kernels == "float32" and ready.quality_gate == ()  # the reference itself
+    return math.exp(core.runner.score(text_ids))
+
+
+def config(model_dir, dtype: str, **kw) -> WorkerConfig:
+    return WorkerConfig(str(model_dir), "m", "cpu", dtype, 1024, 4, 512, 2, **kw)
+
+
+def test_auto_picks_a_passing_reduced_precision(model_dir, text_ids, fp32_perplexity) -> None:
+    """What `--dtype auto` serves on this CPU passed the gate, and holds over a longer text."""
+    core, ready = build_core(0, config(model_dir, "auto"))
+    assert ready.dtype == "int8"
+    assert ready.kernels == ("int8-vnni" if CPU.vnni else "int8-avx2")
+    assert ready.cpu["cpu_capability"] == CPU.capability
+    (gate,) = ready.quality_gate
+    assert gate["passed"] and gate["kernels"] == ready.kernels
+    for chunk in (None, 1):  # one prefill, then one token a step (decode kernels)
+        ppl = math.exp(core.runner.score(text_ids, chunk=chunk))
+        assert ppl / fp32_perplexity < 1.05, f"chunk={chunk}: {ppl:.2f} vs {fp32_perplexity:.2f}"
+
+
+@pytest.mark.parametrize("kernels", ["avx2", "vnni"])
+def test_int8_kernel_paths(model_dir, kernels: str) -> None:
+    """7-bit int8 is correct on every x86 CPU; full-range int8 only with VNNI, and the
+    gate refuses it elsewhere (on AVX2 it decoded at perplexity 11x float32's)."""
+    if kernels == "avx2" or CPU.vnni:
+        _, ready = build_core(0, config(model_dir, "int8", int8_kernels=kernels))
+        assert ready.kernels == f"int8-{kernels}" and ready.quality_gate[0]["passed"]
+        return
+    with pytest.raises(QualityGateFailed) as failed:
+        build_core(0, config(model_dir, "int8", int8_kernels=kernels))
+    message = str(failed.value)
+    assert "int8-vnni" in message and "perplexity" in message and CPU.capability in message
+
+
+def test_bfloat16_path(model_dir) -> None:
+    _, ready = build_core(0, config(model_dir, "bfloat16"))
+    expected = "bfloat16-native" if CPU.native_bf16 else "bfloat16-emulated"
+    assert ready.kernels == expected and ready.quality_gate[0]["passed"]
+
+
+def test_auto_falls_back_to_float32_when_every_reduced_precision_fails(model_dir) -> None:
+    _, ready = build_core(0, config(model_dir, "auto", quality_max_ppl_ratio=0.5))
+    assert ready.dtype == "float32"
+    assert ready.quality_gate and not any(g["passed"] for g in ready.quality_gate)
+    assert all("perplexity" in g["reason"] for g in ready.quality_gate)
+
+
+def test_explicit_dtype_failing_the_gate_names_the_figures(model_dir) -> None:
+    with pytest.raises(QualityGateFailed, match=r"--dtype int8 failed the quality gate.*x float32"):
+        build_core(0, config(model_dir, "int8", quality_max_ppl_ratio=0.5))
+    # --skip-quality-gate serves it anyway, for those who know.
+    _, ready = build_core(
+        0, config(model_dir, "int8", quality_max_ppl_ratio=0.5, skip_quality_gate=True)
+    )
+    assert ready.dtype == "int8" and ready.quality_gate == ()
+
+
+def test_broken_kernels_fail_on_figures_not_crashes(model_dir, tokenizer) -> None:
+    """A runner answering noise is judged on its figures: non-finite logits fail too."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = quality_gate.probe_ids(tokenizer)
+    reference = quality_gate.reference_logits(model, ids)
+
+    class NaNRunner:
+        def sequence_logits(self, token_ids, chunk=None):
+            return reference[: len(token_ids)] * float("nan")
+
+    result = quality_gate.check(
+        NaNRunner(), reference, ids, "int8", "broken", quality_gate.GateBounds()
+    )
+    assert not result.passed and "non-finite" in result.reason
+
+
+async def test_server_reports_its_precision(server) -> None:
+    """/readyz and /v1/models say what serves: dtype, kernels, CPU, the gate's figures."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(server.url + "/readyz") as r:
+            precision = (await r.json())["precision"]
+        async with http.get(server.url + "/v1/models") as r:
+            card = (await r.json())["data"][0]
+    assert precision["dtype"] == "int8"
+    assert precision["kernels"] == ("int8-vnni" if CPU.vnni else "int8-avx2")
+    assert precision["cpu_capability"] == CPU.capability
+    assert precision["cpu_kind"] == CPU.kind
+    assert precision["quality_gate"][0]["passed"]
+    assert card["chatserver"]["precision"]["kernels"] == precision["kernels"]
+
+
+def test_server_refuses_to_start_on_a_failed_gate() -> None:
+    """An explicit --dtype that fails the gate stops the server with the figures, not noise."""
+    proc = ServerProcess(
+        "--dtype", "int8", "--quality-max-ppl-ratio", "0.5", "--log-level", "warning"
+    )
+    try:
+        code = proc.proc.wait(timeout=180)
+    finally:
+        proc.stop()
+    assert code != 0
+    assert "failed the quality gate" in proc.log() and "x float32" in proc.log()
+
+
+async def test_server_auto_falls_back_and_says_why() -> None:
+    proc = ServerProcess("--quality-max-ppl-ratio", "0.5", "--log-level", "warning").wait_ready()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(proc.url + "/readyz") as r:
+                precision = (await r.json())["precision"]
+            body = {"message": "What is the capital of France?", "temperature": 0, "max_tokens": 12}
+            async with http.post(proc.url + "/v1/query", json=body) as r:
+                reply = (await r.json())["reply"]
+    finally:
+        proc.stop()
+    assert precision["dtype"] == "float32"
+    assert [g["passed"] for g in precision["quality_gate"]] == [False] * len(
+        precision["quality_gate"]
+    )
+    assert "Paris" in reply
