@@ -43,8 +43,12 @@ def worker_main(worker_id: int, config: WorkerConfig, conn: Connection, log_leve
     try:
         core, ready = build_core(worker_id, config)
     except Exception as exc:  # tell the server why, instead of dying silently
-        log.exception("worker %d failed to load", worker_id)
-        conn.send(load_failure(worker_id, exc))
+        failure = load_failure(worker_id, exc)
+        if failure.fatal:  # a verdict (quality gate), not a crash: no traceback
+            log.error("worker %d: %s", worker_id, failure.message)
+        else:
+            log.exception("worker %d failed to load", worker_id)
+        conn.send(failure)
         return
     conn.send(ready)
 

@@ -15,8 +15,9 @@ the same weights computed at load:
   float32's, at least `min_top1`.
 
 Cost: one float32 forward of the probe plus the candidate's prefill and
-`DECODE_TOKENS` decode steps; 0.8-2.8 s for the default model on the 2-core AVX2
-machine (int8 1.9 s, bfloat16 without native bf16 2.8 s; float32 is the reference),
+`DECODE_TOKENS` decode steps: 1.5-1.9 s for int8 with the default model on the
+2-core AVX2 machine (worker logs of two server starts, and `DECODE_TOKENS=64` in
+a gate timing run; float32 is the reference and is not gated),
 and the float32 weights must fit beside the candidate's while loading (for a
 large model on a GPU, twice its bf16 size; `--skip-quality-gate` skips it).
 """
