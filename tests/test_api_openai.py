@@ -214,3 +214,31 @@ async def test_stream_client_disconnect(server: ServerProcess, client: AsyncOpen
     await wait_no_generations(server)
     ok = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
     assert ok.choices[0].message.content
+
+
+async def test_tiny_temperature_leaves_other_replies_whole(
+    client: AsyncOpenAI, server: ServerProcess
+) -> None:
+    """temperature 1e-40 once broke every reply in its batch (NaN softmax failed the
+    whole step); now it decodes greedily (tests/test_sampling.py) and the others
+    run to their end."""
+    import asyncio
+
+    async def reply(temperature: float, max_tokens: int):
+        return await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Count from one to fifty in words."}],
+            temperature=temperature,
+            max_tokens=max_tokens,
+            extra_body={"top_k": 0},
+        )
+
+    bystanders = [asyncio.create_task(reply(0.8, 48)) for _ in range(3)]
+    await asyncio.sleep(0.3)  # they are decoding when the tiny temperature arrives
+    tiny = await reply(1e-40, 16)
+    assert tiny.choices[0].finish_reason in ("length", "stop")
+    assert tiny.choices[0].message.content
+    for done in await asyncio.gather(*bystanders):
+        assert done.choices[0].finish_reason in ("length", "stop")
+        assert done.usage.completion_tokens > 0
+    await wait_no_generations(server)

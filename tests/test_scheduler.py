@@ -110,3 +110,18 @@ def test_finish_mid_step_moves_a_later_sequence_with_its_new_length():
     run_step(s)  # a finishes on its first token; b (slot 1) moves to slot 0
     assert s.take_moves() == [SlotMove(src=1, dst=0, length=4)]
     assert b.slot == 0
+
+
+def test_unsampleable_row_fails_its_sequence_alone():
+    """A None token (non-finite logits, a sampling error) ends that sequence with "error";
+    the others in the step keep their tokens and their slots."""
+    s = BatchScheduler(max_batch=4, prefill_chunk=100, max_context=100)
+    for i in range(3):
+        s.add(seq(i, max_tokens=8))
+    plan = s.schedule()
+    produced, finished = s.complete(plan, [7, None, 7])
+    assert finished == [(1, "error")]
+    assert produced == [(0, 7), (2, 7)]
+    assert sorted(q.seq_id for q in s.running) == [0, 2]
+    _, (produced, _) = run_step(s)
+    assert sorted(seq_id for seq_id, _ in produced) == [0, 2]

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Below this a temperature changes nothing a float32 softmax can show, and dividing
+# logits by it overflows: such requests decode greedily.
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """Per-sequence decoding settings; temperature 0 means greedy."""
+    """Per-sequence decoding settings; temperature below GREEDY_TEMPERATURE means greedy."""
 
     max_tokens: int = 256
     temperature: float = 0.0
@@ -26,7 +30,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,12 +134,13 @@ class BatchScheduler:
         return len(chunk)
 
     def complete(
-        self, plan: StepPlan, sampled: list[int]
+        self, plan: StepPlan, sampled: list[int | None]
     ) -> tuple[list[tuple[int, int]], list[tuple[int, str]]]:
         """Record a step's sampled tokens (one per item with wants_logits, in order).
 
         Returns the (seq_id, token) pairs produced and the (seq_id, reason) of
-        sequences that finished; finished ones are removed.
+        sequences that finished; finished ones are removed. A None token (its
+        row could not be sampled) finishes that sequence alone with "error".
         """
         produced: list[tuple[int, int]] = []
         finished: list[tuple[int, str]] = []
@@ -151,6 +152,10 @@ class BatchScheduler:
             if not item.wants_logits:
                 continue
             token = next(tokens)
+            if token is None:
+                finished.append((seq.seq_id, "error"))
+                self.remove(seq)
+                continue
             seq.output_ids.append(token)
             produced.append((seq.seq_id, token))
             reason = self._finish_reason(seq, token)
