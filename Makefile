@@ -25,6 +25,7 @@ run: install
 	$(VENV)/bin/chatserver serve --host 127.0.0.1 --port 8080
 
 test: install
+	@bash .ci/ensure-chromium.sh
 	@eval "$$(bash .ci/ensure-redis.sh $(REDIS_PORT))"; \
 	  echo "tests use Redis at $$CHATSERVER_TEST_REDIS_URL"; \
 	  CHATSERVER_TEST_REDIS_URL=$$CHATSERVER_TEST_REDIS_URL $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from chatserver.api import health, ws
+from chatserver.api import health, page, ws
 from chatserver.api.chat import api_router as chat_router
 from chatserver.api.chat.serving import ChatService
 from chatserver.api.errors import error_middleware
@@ -121,6 +121,7 @@ def build_app(settings: Settings) -> web.Application:
     ws.setup_routes(app)
     chat_router.setup_routes(app)
     openai_router.setup_routes(app)
+    page.setup_routes(app)
     return app
 
 
