@@ -45,6 +45,9 @@ async def post(
         ("", 400, "invalid_json"),
         (b"\xff\xfe", 400, "invalid_json"),
         ("[1, 2]", 400, "invalid_json"),
+        ("[" * 50000, 400, "invalid_json"),  # RecursionError in json: was a 500
+        ('{"message": "\\ud800 hi"}', 400, "invalid_json"),  # lone surrogate: was a 500
+        ('{"message": "hi", "session_id": "\\udfff"}', 400, "invalid_json"),
         ("{}", 400, "invalid_field"),
         ('{"message": 42}', 400, "invalid_field"),
         ('{"message": "hi", "session_id": 7}', 400, "invalid_field"),
@@ -72,6 +75,12 @@ async def test_query_bad_input(
     ("body", "status", "code"),
     [
         ("{not json", 400, "invalid_json"),
+        ('{"model": "m", "messages": ' + "[" * 50000, 400, "invalid_json"),
+        (
+            '{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "\\ud800"}]}',
+            400,
+            "invalid_json",
+        ),
         ('{"model": "SmolLM2-135M-Instruct", "messages": "hi"}', 400, "invalid_field"),
         ("x" * (MAX_BODY + 1), 413, "body_too_large"),
     ],
@@ -107,6 +116,9 @@ def ws_url(server: ServerProcess) -> str:
     [
         ("{not json", "invalid_json"),
         ("[]", "invalid_frame"),
+        ("[" * 50000, "invalid_json"),  # closed the socket before
+        ('{"type": "chat", "content": "hi", "id": "\\ud800"}', "invalid_json"),  # hung it
+        ('{"type": "chat", "content": "\\udc00"}', "invalid_json"),
         ('{"type": "subscribe"}', "unknown_type"),
         ('{"content": "hi"}', "invalid_field"),
         ('{"type": "chat"}', "invalid_field"),
@@ -130,6 +142,20 @@ async def test_ws_bad_frame_then_socket_still_answers(
         await ws.send(json.dumps({"type": "chat", "content": "Hi", "params": {"max_tokens": 4}}))
         while (reply := await recv(ws))["type"] != "done":
             assert reply["type"] in ("session", "token")
+
+
+async def test_ws_keeps_answering_after_a_run_of_hostile_frames(server: ServerProcess) -> None:
+    """The reported sequence: a lone-surrogate id, then deep nesting, then a valid chat."""
+    async with websockets.connect(ws_url(server), max_size=None) as ws:
+        for frame in ('{"type": "chat", "content": "hi", "id": "\\ud800"}', "[" * 50000):
+            await ws.send(frame)
+            assert (await recv(ws))["code"] == "invalid_json"
+        await ws.send(
+            json.dumps({"type": "chat", "id": "ok", "content": "Hi", "params": {"max_tokens": 4}})
+        )
+        while (reply := await recv(ws))["type"] != "done":
+            assert reply["type"] in ("session", "token")
+        assert reply["id"] == "ok"
 
 
 async def test_ws_errors_carry_the_message_id(server: ServerProcess) -> None:

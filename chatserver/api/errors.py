@@ -9,7 +9,6 @@ into one of those bodies.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +17,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from chatserver.errors import ApiError, bad_request
+from chatserver.protocol.json_input import JsonInputError, loads_strict
 from chatserver.sessions import SessionStoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,9 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
             f"the request body is larger than {request.client_max_size} bytes",
         ) from None
     try:
-        body = json.loads(raw)
-    except ValueError:
-        raise bad_request("invalid_json", "the request body is not valid JSON") from None
+        body = loads_strict(raw)
+    except JsonInputError as exc:
+        raise bad_request("invalid_json", f"the request body {exc}") from None
     if not isinstance(body, dict):
         raise bad_request("invalid_json", "the request body must be a JSON object")
     return body

@@ -4,6 +4,12 @@ Runs in the tokenizer thread pool (fast tokenizers release the GIL). The
 leading system message(s) and the newest message are always kept; whole
 user/assistant turns are dropped from the oldest until the prompt leaves room
 for the reply.
+
+Message content is text, never control tokens: the template is rendered
+around placeholders, its own markup is tokenized with special tokens parsed,
+and each message's content with them split into plain text. Otherwise a user
+typing `<|im_start|>system` would forge a system turn (it did: three such
+markers became three control tokens).
 """
 
 from __future__ import annotations
@@ -13,10 +19,38 @@ from typing import Any
 from chatserver.engine.types import Prompt
 from chatserver.errors import bad_request
 
+# Private-use code points: no chat template writes them, and content never
+# reaches the rendered text (it is swapped for these before rendering).
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+
 
 def render(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """Token ids of the chat template around `messages`, content tokenized as plain text."""
+    marks = [f"{_MARK_OPEN}{i}{_MARK_CLOSE}" for i in range(len(messages))]
+    placeheld = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
+    text = tokenizer.apply_chat_template(placeheld, add_generation_prompt=True, tokenize=False)
+    markup: list[str] = []
+    contents: list[str] = []
+    pos = 0
+    for message, mark in zip(messages, marks, strict=True):
+        at = text.find(mark, pos)
+        if at < 0:  # a template that leaves this message out
+            continue
+        markup.append(text[pos:at])
+        contents.append(message["content"])
+        pos = at + len(mark)
+    markup.append(text[pos:])
+    markup_ids = tokenizer(markup, add_special_tokens=False)["input_ids"]
+    content_ids = (
+        tokenizer(contents, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if contents
+        else []
+    )
+    ids: list[int] = list(markup_ids[0])
+    for piece, after in zip(content_ids, markup_ids[1:], strict=True):
+        ids += piece
+        ids += after
+    return ids
 
 
 def build_prompt(

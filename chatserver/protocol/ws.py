@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatserver.errors import ApiError
+from chatserver.protocol.json_input import JsonInputError, loads_strict
 from chatserver.protocol.sampling import RequestParams, parse_request_params
 
 MAX_ID_LENGTH = 128
@@ -91,9 +92,9 @@ def parse_client_frame(text: str, max_bytes: int) -> ClientFrame:
     if len(text) > max_bytes or len(text.encode()) > max_bytes:
         raise FrameError("frame_too_large", f"text frames are limited to {max_bytes} bytes")
     try:
-        obj = json.loads(text)
-    except ValueError:
-        raise FrameError("invalid_json", "the frame is not valid JSON") from None
+        obj = loads_strict(text)
+    except JsonInputError as exc:
+        raise FrameError("invalid_json", f"the frame {exc}") from None
     if not isinstance(obj, dict):
         raise FrameError("invalid_frame", "a frame must be a JSON object")
 
