@@ -18,12 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from chatserver.api import health, page, ws
+from chatserver.api import access_log, health, page, ws
 from chatserver.api.chat import api_router as chat_router
 from chatserver.api.chat.serving import ChatService
 from chatserver.api.errors import error_middleware
 from chatserver.api.openai import api_router as openai_router
 from chatserver.api.openai.serving import OpenAIServing
+from chatserver.api.origins import cors_middleware, parse_origins
 from chatserver.api.state import (
     CHAT,
     ENGINE,
@@ -110,7 +111,10 @@ async def _drain(app: web.Application) -> None:
 def build_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[error_middleware(openai_router.is_openai_request)],
+        middlewares=[
+            cors_middleware(parse_origins(settings.cors_origin)),
+            error_middleware(openai_router.is_openai_request),
+        ],
     )
     app[SETTINGS] = settings
     app[WEBSOCKETS] = weakref.WeakSet()
@@ -159,6 +163,7 @@ def serve(settings: Settings) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    access_log.install()
     try:
         if sys.platform == "win32":
             asyncio.run(_serve(settings))

@@ -139,6 +139,13 @@ class Settings:
     ws_heartbeat: float = field(
         default=30.0, metadata={"help": "seconds between WebSocket keepalive pings"}
     )
+    cors_origin: str = field(
+        default="",
+        metadata={
+            "help": "comma-separated web origins (scheme://host[:port]) whose pages may use "
+            "this server from a browser; the server's own origin always may"
+        },
+    )
     tokenizer_threads: int = field(
         default=4, metadata={"help": "threads for tokenizing, templating and detokenizing"}
     )

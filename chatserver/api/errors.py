@@ -103,6 +103,15 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
             "body_too_large",
             f"the request body is larger than {request.client_max_size} bytes",
         ) from None
+    if request.content_type != "application/json":
+        # Not only tidiness: a foreign web page can POST text/plain without asking
+        # (api/origins.py), but not application/json.
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"send the body as JSON with 'Content-Type: application/json' "
+            f"(got {request.content_type!r})",
+        )
     try:
         body = loads_strict(raw)
     except JsonInputError as exc:
