@@ -59,6 +59,8 @@ async def post(
         ('{"message": "hi", "stop": ["a", 1]}', 400, "invalid_parameter"),
         ('{"message": "hi", "session_id": "nope"}', 404, "session_not_found"),
         (json.dumps({"message": TOO_LONG, "max_tokens": 4}), 400, "context_length_exceeded"),
+        # Over 4096 tokens x 81 characters (the longest token): refused untokenized.
+        (json.dumps({"message": "a" * 400_000}), 400, "context_length_exceeded"),
         ("x" * (MAX_BODY + 1), 413, "body_too_large"),
     ],
 )

@@ -74,3 +74,40 @@ def test_markup_tokenizes_as_the_template_would(tokenizer):
     msgs.append({"role": "user", "content": "héllo 🎉 ```code```"})
     text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     assert render(tokenizer, msgs) == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class CountingTokenizer:
+    """The real tokenizer, counting how often prompt building uses it."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def apply_chat_template(self, *args, **kwargs):
+        self.calls += 1
+        return self.tokenizer.apply_chat_template(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tokenizer(*args, **kwargs)
+
+
+def test_oversized_message_is_refused_before_tokenizing(tokenizer):
+    longest = max(len(t) for t in tokenizer.get_vocab())
+    counting = CountingTokenizer(tokenizer)
+    huge = [{"role": "user", "content": "a" * (256 * longest + 1)}]
+    with pytest.raises(ApiError) as err:
+        build_prompt(counting, huge, 16, 256, truncate=True, max_token_chars=longest)
+    assert err.value.code == "context_length_exceeded" and "characters" in err.value.message
+    assert counting.calls == 0
+
+
+def test_turns_that_cannot_fit_are_dropped_before_tokenizing(tokenizer):
+    longest = max(len(t) for t in tokenizer.get_vocab())
+    msgs = conversation(2)
+    msgs[1]["content"] = "b" * (256 * longest)  # the oldest user turn alone is too long
+    counting = CountingTokenizer(tokenizer)
+    prompt = build_prompt(counting, msgs, 16, 256, truncate=True, max_token_chars=longest)
+    assert prompt.dropped_turns == 2 and "Question number 1:" in tokenizer.decode(prompt.ids)
+    # One render (the template, its markup, the contents), not one per dropped turn
+    # after tokenizing the oversized one.
+    assert counting.calls == 3

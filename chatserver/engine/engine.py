@@ -133,6 +133,7 @@ class InferenceEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.tokenizer: Any = None
+        self.max_token_chars = 0
         self.model_id = ""
         self.max_context = settings.max_context
         self.engine_kind = ""
@@ -208,6 +209,9 @@ class InferenceEngine:
 
         assert self._source is not None
         self.tokenizer = load_tokenizer(self._source)
+        # A token decodes to at most this many characters: the cheap bound
+        # build_prompt checks before tokenizing anything.
+        self.max_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=0)
         config = AutoConfig.from_pretrained(self._source.path)
         model_ctx = getattr(config, "max_position_embeddings", None) or self.settings.max_context
         self.max_context = min(self.settings.max_context, model_ctx)
@@ -305,6 +309,7 @@ class InferenceEngine:
             wanted,
             self.max_context,
             truncate,
+            self.max_token_chars,
         )
 
     def sampling_params(self, prompt: Prompt, req: RequestParams) -> SamplingParams:

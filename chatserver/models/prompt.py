@@ -59,25 +59,44 @@ def build_prompt(
     max_tokens: int,
     max_context: int,
     truncate: bool,
+    max_token_chars: int = 0,
 ) -> Prompt:
+    """The prompt's ids, oldest turns dropped (if `truncate`) until the reply has room.
+
+    `max_token_chars` (the longest token of the vocabulary, in characters; 0: no
+    bound) refuses or drops what cannot fit before any tokenizing: text of more
+    than `max_context * max_token_chars` characters is more than `max_context`
+    tokens, so a 1 MiB message costs a length check, not seconds of tokenizer time
+    shared with everyone's replies.
+    """
     if not messages:
         raise bad_request("invalid_request", "at least one message is required", "messages")
     head = 0
     while head < len(messages) - 1 and messages[head]["role"] == "system":
         head += 1
     system, turns = messages[:head], messages[head:]
-    reserve = min(max_tokens, max_context // 2)
     dropped = 0
+    if max_token_chars:
+        budget = max_context * max_token_chars
+        chars = sum(len(m["content"]) for m in system + turns)
+        while truncate and len(turns) > 1 and chars > budget:
+            turns, cut = _drop_oldest_turn(turns)
+            dropped += cut
+            chars = sum(len(m["content"]) for m in system + turns)
+        if chars > budget:
+            raise bad_request(
+                "context_length_exceeded",
+                f"the prompt is {chars} characters, more than this model's context of "
+                f"{max_context} tokens can hold (its longest token is {max_token_chars} "
+                "characters)",
+                "messages",
+            )
+    reserve = min(max_tokens, max_context // 2)
     while True:
         ids = render(tokenizer, system + turns)
         if not truncate or len(ids) + reserve <= max_context or len(turns) <= 1:
             break
-        # Drop the oldest turn, then anything up to the next user message, so
-        # the conversation still alternates from a user message.
-        cut = 1
-        while cut < len(turns) - 1 and turns[cut]["role"] != "user":
-            cut += 1
-        turns = turns[cut:]
+        turns, cut = _drop_oldest_turn(turns)
         dropped += cut
     if len(ids) >= max_context:
         raise bad_request(
@@ -87,3 +106,12 @@ def build_prompt(
             "messages",
         )
     return Prompt(ids, min(max_tokens, max_context - len(ids)), dropped)
+
+
+def _drop_oldest_turn(turns: list[dict[str, str]]) -> tuple[list[dict[str, str]], int]:
+    """Drop the oldest turn, then anything up to the next user message, so the
+    conversation still alternates from a user message; returns (rest, dropped)."""
+    cut = 1
+    while cut < len(turns) - 1 and turns[cut]["role"] != "user":
+        cut += 1
+    return turns[cut:], cut
