@@ -31,6 +31,7 @@ from chatserver.api.state import (
     EXECUTOR,
     INFLIGHT,
     OPENAI,
+    ORIGINS,
     SESSIONS,
     SETTINGS,
     WEBSOCKETS,
@@ -109,14 +110,16 @@ async def _drain(app: web.Application) -> None:
 
 
 def build_app(settings: Settings) -> web.Application:
+    origins = parse_origins(settings.cors_origin)
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[
-            cors_middleware(parse_origins(settings.cors_origin)),
+            cors_middleware(origins),
             error_middleware(openai_router.is_openai_request),
         ],
     )
     app[SETTINGS] = settings
+    app[ORIGINS] = origins
     app[WEBSOCKETS] = weakref.WeakSet()
     app[INFLIGHT] = InFlight()
     app.cleanup_ctx.extend([_thread_pool, _session_store, _engine, _services])

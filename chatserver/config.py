@@ -12,13 +12,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chatserver.protocol.worker import INT8_KERNEL_CHOICES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = Path(os.environ.get("CHATSERVER_MODELS_DIR", REPO_ROOT / "models"))
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 ENGINES = ("auto", "gpu", "pool", "thread", "inline")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
-INT8_KERNEL_CHOICES = ("auto", "vnni", "avx2")
 
 
 def _env_name(name: str) -> str:

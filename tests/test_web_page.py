@@ -131,6 +131,15 @@ async def open_tab(
         await context.close()
 
 
+@asynccontextmanager
+async def chat_tab(browser: Browser, server: ChatServer, *, max_tokens: int) -> AsyncIterator[Tab]:
+    """A fresh tab on the page, connected, with replies capped at `max_tokens`."""
+    async with open_tab(browser) as tab:
+        await load(tab, server)
+        await set_settings(tab.page, max_tokens=max_tokens)
+        yield tab
+
+
 async def load(tab: Tab, server: ChatServer) -> None:
     await tab.page.goto(server.url + "/")
     await expect(tab.page.locator("#conn")).to_have_attribute("data-state", "ready")
@@ -210,10 +219,8 @@ async def test_page_and_static_files_are_served_with_a_strict_policy(
 async def test_reply_streams_into_the_page_with_its_speed(
     chat_server: ChatServer, browser: Browser
 ) -> None:
-    async with open_tab(browser) as tab:
+    async with chat_tab(browser, chat_server, max_tokens=60) as tab:
         page = tab.page
-        await load(tab, chat_server)
-        await set_settings(page, max_tokens=60)
         prompt = page.get_by_label("Message", exact=True)
         await prompt.fill("first line")
         await prompt.press("Shift+Enter")  # a new line, not a send
@@ -246,10 +253,8 @@ async def test_reply_streams_into_the_page_with_its_speed(
 async def test_stop_ends_the_reply_and_its_generation(
     chat_server: ChatServer, browser: Browser
 ) -> None:
-    async with open_tab(browser) as tab:
+    async with chat_tab(browser, chat_server, max_tokens=400) as tab:
         page = tab.page
-        await load(tab, chat_server)
-        await set_settings(page, max_tokens=400)
         await send(page, "Tell me a long story about a dragon who learns to fly.")
         await wait_streaming_text(page)
         assert await generations(chat_server.proc) == 1
@@ -282,10 +287,8 @@ async def test_stop_ends_the_reply_and_its_generation(
 async def test_reload_shows_the_history_and_delete_removes_the_chat(
     chat_server: ChatServer, browser: Browser
 ) -> None:
-    async with open_tab(browser) as tab:
+    async with chat_tab(browser, chat_server, max_tokens=12) as tab:
         page = tab.page
-        await load(tab, chat_server)
-        await set_settings(page, max_tokens=12)
         await send(page, "Name a colour.")
         await wait_reply(page)
         bodies = page.locator(".msg .body")
@@ -344,10 +347,8 @@ RENDER_CASES = """async (cases) => {
 
 
 async def test_hostile_markdown_renders_as_text(chat_server: ChatServer, browser: Browser) -> None:
-    async with open_tab(browser) as tab:
+    async with chat_tab(browser, chat_server, max_tokens=8) as tab:
         page = tab.page
-        await load(tab, chat_server)
-        await set_settings(page, max_tokens=8)
         await send(page, HOSTILE)
         await wait_reply(page)
 
@@ -574,10 +575,8 @@ async def test_server_restart_shows_reconnecting_then_continues(
     chat_server: ChatServer, browser: Browser
 ) -> None:
     """Runs last: it replaces the module's server with a new one on the same port."""
-    async with open_tab(browser) as tab:
+    async with chat_tab(browser, chat_server, max_tokens=12) as tab:
         page = tab.page
-        await load(tab, chat_server)
-        await set_settings(page, max_tokens=12)
         await send(page, "Hello! Who are you?")
         await wait_reply(page)
         session_id = await page.evaluate("localStorage.getItem('chatserver.session')")

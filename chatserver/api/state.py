@@ -26,3 +26,5 @@ CHAT: web.AppKey[ChatService] = web.AppKey("chat")
 OPENAI: web.AppKey[OpenAIServing] = web.AppKey("openai")
 # Open WebSockets, closed with "going away" when the server shuts down.
 WEBSOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")
+# Web origins allowed besides the server's own (--cors-origin), parsed once.
+ORIGINS: web.AppKey[frozenset[str]] = web.AppKey("origins")

@@ -22,8 +22,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from chatserver.api.chat.serving import ChatService, session_not_found
 from chatserver.api.errors import to_api_error
-from chatserver.api.origins import check_websocket_origin, parse_origins
-from chatserver.api.state import CHAT, SETTINGS, WEBSOCKETS
+from chatserver.api.origins import check_websocket_origin
+from chatserver.api.state import CHAT, ORIGINS, SETTINGS, WEBSOCKETS
 from chatserver.config import Settings
 from chatserver.errors import ApiError
 from chatserver.limits import FrameThrottle
@@ -264,7 +264,7 @@ class ChatSocket:
 
 async def chat_ws(request: web.Request) -> web.WebSocketResponse:
     settings = request.app[SETTINGS]
-    check_websocket_origin(request, parse_origins(settings.cors_origin))
+    check_websocket_origin(request, request.app[ORIGINS])
     ws = web.WebSocketResponse(
         heartbeat=settings.ws_heartbeat or None,
         max_msg_size=HARD_FRAME_FACTOR * settings.max_frame_bytes,

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# WorkerConfig.int8_kernels: "auto" picks from the CPU's features (workers/precision.py).
+INT8_KERNEL_CHOICES = ("auto", "vnni", "avx2")
+
 # Below this a temperature changes nothing a float32 softmax can show, and dividing
 # logits by it overflows: such requests decode greedily.
 GREEDY_TEMPERATURE = 1e-5

@@ -228,6 +228,10 @@ def _runner_for(
     if candidate.int8 is not None:
         if not supports_fast_runner(model):
             return None
+        if config.compile:
+            # Compiled, the fbgemm int8 kernels gave other numerics (greedy answers
+            # changed from the first token); int8 is CPU-only, where compile measured slower.
+            log.warning("--compile is for float dtypes; int8 runs eager")
         return build_runner(model, config.max_context, int8=candidate.int8)
     dtype = candidate.load_dtype
     if next(model.parameters()).dtype != dtype:

@@ -14,8 +14,9 @@ activations to u8 per tensor and multiplies them with s8 weights:
 Activations are quantized per tensor, so in a step of many rows each row
 loses the bits its neighbours' wider range takes. Each row is scaled to
 |x| <= 1 first and scaled back after the GEMM (a linear map commutes with
-it): perplexity of a 335-token prefill 17.07 -> 16.50 (fp32 15.96) on the AVX2
-machine, `python -m load_tests.precision`, for two cheap elementwise ops.
+it): perplexity of the 335-token quality_text.txt in one prefill (LlamaRunner.score)
+17.07 -> 16.50 (fp32 15.96), AMD EPYC, torch capability AVX2, no VNNI, measured
+while building issue 8 by swapping this kernel in; two cheap elementwise ops.
 """
 
 from __future__ import annotations
@@ -63,10 +64,12 @@ class DownProjLinear:
     cannot represent (perplexity 15.96 -> 23.6 on the AVX2 machine when
     quantized like the others), so only its weights are narrowed. For a few
     rows the step is bound by reading weights and `_weight_int8pack_mm` reads
-    int8 weights against bf16 activations; for more rows a float GEMM wins
-    (30 layers' down_proj, AVX2 machine: int8 1.3 ms vs fp32 2.5 at 1 row,
-    5.1 vs 7.3 at 8, 9.9 vs 9.6 at 16; bf16 is 4x slower than fp32 there
-    without native bf16; on the AVX-512+BF16 machine bf16 won from 8 rows).
+    int8 weights against bf16 activations; for more rows a float GEMM wins.
+    30 layers' down_proj on AMD EPYC, torch capability AVX2, no VNNI (a timing
+    loop over F.linear and _weight_int8pack_mm, issue 8): int8 1.3 ms vs fp32
+    2.5 at 1 row, 5.1 vs 7.3 at 8, 9.9 vs 9.6 at 16, bf16 40 (4x fp32: no native
+    bf16). On the AVX-512+VNNI+BF16 EPYC (issue 3's session): int8 vs bf16 1.5 vs
+    3.7 ms at 1 row, even at 8, 7.2 vs 5.7 at 16.
     """
 
     def __init__(self, weight: torch.Tensor, kernels: Int8Kernels) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chatserver.config import INT8_KERNEL_CHOICES
+from chatserver.protocol.worker import INT8_KERNEL_CHOICES
 from chatserver.workers.cpu_features import CpuFeatures
 from chatserver.workers.kernels import Int8Kernels
 

@@ -65,7 +65,8 @@ def linear(
     return F.linear(x, weight, bias)
 
 
-def _supported(model: Any) -> bool:
+def supports_fast_runner(model: Any) -> bool:
+    """True when LlamaRunner (batched, with int8 kernels) can run this model."""
     cfg = model.config
     return (
         getattr(cfg, "model_type", "") in ("llama", "mistral", "qwen2", "smollm3")
@@ -424,14 +425,9 @@ class HFRunner:
         return torch.stack(logits)
 
 
-def supports_fast_runner(model: Any) -> bool:
-    """True when LlamaRunner (batched, with int8 kernels) can run this model."""
-    return _supported(model)
-
-
 def build_runner(
     model: Any, max_context: int, int8: Int8Kernels | None = None, compile: bool = False
 ) -> LlamaRunner | HFRunner:
-    if _supported(model):
+    if supports_fast_runner(model):
         return LlamaRunner(model, max_context, int8=int8, compile=compile)
     return HFRunner(model, max_context)
