@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -102,14 +103,24 @@ async def test_killed_worker_fails_its_streams_and_is_restarted(model_dir):
                 "model": "SmolLM2-135M-Instruct",
                 "messages": [{"role": "user", "content": "Tell me a long story."}],
                 "max_tokens": 400,
+                "stream": True,
             }
-            pending = asyncio.create_task(http.post(proc.url + "/v1/chat/completions", json=body))
-            await asyncio.sleep(1.5)
-            (pid,) = worker_pids(proc.proc.pid)
-            os.kill(pid, signal.SIGKILL)
-            resp = await pending
-            assert resp.status == 500
-            assert (await resp.json())["error"]["code"] == "generation_failed"
+            # Streamed, so the worker is killed while the reply is surely still being
+            # generated (a fast CPU finishes a short story before a fixed sleep ends).
+            async with http.post(proc.url + "/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200
+                events = []
+                killed = None
+                async for line in resp.content:
+                    if not line.startswith(b"data: "):
+                        continue
+                    events.append(line[6:].strip())
+                    if killed is None and b'"content": "' in line and b'"content": ""' not in line:
+                        (killed,) = worker_pids(proc.proc.pid)
+                        os.kill(killed, signal.SIGKILL)
+            assert killed is not None, events
+            assert events[-1] == b"[DONE]"
+            assert json.loads(events[-2])["error"]["code"] == "generation_failed", events[-3:]
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 async with http.get(proc.url + "/readyz") as resp:
@@ -118,7 +129,7 @@ async def test_killed_worker_fails_its_streams_and_is_restarted(model_dir):
                 await asyncio.sleep(0.2)
             again = await complete(http, proc.url, "Say hello.", 8)
             assert again["usage"]["completion_tokens"] > 0
-            assert worker_pids(proc.proc.pid) != [pid]
+            assert worker_pids(proc.proc.pid) != [killed]
     finally:
         proc.stop()
 
