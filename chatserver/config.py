@@ -93,6 +93,34 @@ class Settings:
     max_batch: int = field(
         default=64, metadata={"help": "most sequences one worker decodes together (1: no batching)"}
     )
+    max_running: int = field(
+        default=0,
+        metadata={
+            "help": "most sequences one worker decodes at once (0: --max-batch); admitted "
+            "requests beyond the running slots wait in the queue"
+        },
+    )
+    max_queue: int = field(
+        default=-1,
+        metadata={
+            "help": "requests that may wait for a running slot, across workers (-1: twice the "
+            "running slots); beyond it requests get 503 server_busy with Retry-After"
+        },
+    )
+    request_timeout: float = field(
+        default=300.0,
+        metadata={
+            "help": "seconds a request may spend queued and generating before it is stopped "
+            "and the client told request_timeout (0: no limit)"
+        },
+    )
+    keepalive_interval: float = field(
+        default=15.0,
+        metadata={
+            "help": "seconds of silence after which a streaming (SSE) reply gets a keep-alive "
+            "comment, so proxies keep a queued request's connection open"
+        },
+    )
     compile: bool = field(
         default=False,
         metadata={

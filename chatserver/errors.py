@@ -18,6 +18,9 @@ class ApiError(Exception):
     code: str
     message: str
     param: str | None = None
+    # Seconds after which a retry may succeed: the Retry-After header, and the
+    # WebSocket error frame's retry_after.
+    retry_after: float | None = None
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"

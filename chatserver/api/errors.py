@@ -10,13 +10,16 @@ into one of those bodies.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from chatserver.engine.errors import GenerationFailed, NotReady, RequestTimedOut
 from chatserver.errors import ApiError, bad_request
+from chatserver.limits.admission import ServerBusy
 from chatserver.protocol.json_input import JsonInputError, loads_strict
 from chatserver.sessions import SessionStoreUnavailable
 
@@ -38,6 +41,14 @@ def to_api_error(exc: BaseException, request: web.Request | None = None) -> ApiE
         if request is None:
             return ApiError(exc.status, code, exc.reason)
         return ApiError(exc.status, code, template.format(method=request.method, path=request.path))
+    if isinstance(exc, ServerBusy):
+        return ApiError(503, "server_busy", str(exc), retry_after=exc.retry_after)
+    if isinstance(exc, NotReady):
+        return ApiError(503, "not_ready", str(exc))
+    if isinstance(exc, RequestTimedOut):
+        return ApiError(504, "request_timeout", str(exc))
+    if isinstance(exc, GenerationFailed):
+        return ApiError(500, "generation_failed", str(exc))
     if isinstance(exc, SessionStoreUnavailable):
         return ApiError(503, "session_store_unavailable", "the session store is unavailable")
     return ApiError(500, "internal_error", "internal server error")
@@ -62,8 +73,16 @@ def error_body(err: ApiError, *, openai: bool = False) -> dict[str, Any]:
     }
 
 
+def retry_after_header(seconds: float) -> str:
+    """Whole seconds, rounded up, at least 1 (RFC 9110 takes integers only)."""
+    return str(max(1, math.ceil(seconds)))
+
+
 def error_response(err: ApiError, *, openai: bool = False) -> web.Response:
-    return web.json_response(error_body(err, openai=openai), status=err.status)
+    response = web.json_response(error_body(err, openai=openai), status=err.status)
+    if err.retry_after is not None:
+        response.headers["Retry-After"] = retry_after_header(err.retry_after)
+    return response
 
 
 def error_middleware(is_openai: Callable[[web.Request], bool]) -> Middleware:

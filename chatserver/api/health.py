@@ -26,6 +26,7 @@ async def readyz(request: web.Request) -> web.Response:
         "model": engine.model_id,
         "generations": len(request.app[INFLIGHT].live()),
         "precision": engine.precision or {"dtype": engine.dtype},
+        "admission": engine.load(),
     }
     if not engine.ready:
         body["reason"] = engine.failure or "the model workers are loading"

@@ -112,7 +112,7 @@ class ChatSocket:
         err = to_api_error(exc)
         if err.code == "internal_error":
             log.error("websocket message %s failed", message_id, exc_info=exc)
-        await self._send(error_frame(err.code, err.message, message_id))
+        await self._send(error_frame(err.code, err.message, message_id, err.retry_after))
 
     async def _resume(self, session_id: str) -> None:
         try:
@@ -229,10 +229,10 @@ class ChatSocket:
             except Exception as exc:
                 await self._send_error(exc, job.id)
                 return
-        if stream.finish_reason not in ("stop", "length", "cancelled"):
-            await self._send(
-                error_frame("generation_failed", "the model failed to generate a reply", job.id)
-            )
+        try:
+            stream.check()
+        except Exception as exc:
+            await self._send_error(exc, job.id)
             return
         store_error: Exception | None = None
         try:

@@ -12,13 +12,19 @@ Public API used by the API layer:
     await engine.start()            # loads tokenizer, spawns workers; returns at once
     engine.ready -> bool            # True once every worker has loaded the model
     engine.failure -> str | None    # why a worker could not load the model, if one could not
-    prompt = await engine.chat_prompt(messages, max_tokens, truncate=True)
-    stream = engine.generate(prompt, request_params)
+    stream = await engine.submit(messages, request_params, truncate=True)
+        # = ticket = engine.admit()  (ServerBusy before any work when full)
+        #   prompt = await engine.chat_prompt(messages, max_tokens, truncate)
+        #   engine.generate(prompt, request_params, ticket)
     async with stream:              # leaving the block early cancels the sequence
         async for delta in stream:  # str text deltas
             ...
-    stream.finish_reason            # "stop" | "length" | "cancelled" | "error"
+    stream.finish_reason            # "stop" | "length" | "cancelled" | "error" | "timeout"
+    stream.check()                  # GenerationFailed / RequestTimedOut for the last two
     await engine.stop()
+
+Errors are domain errors (``engine/errors.py``, ``limits/admission.ServerBusy``);
+the API layer maps them to HTTP and WebSocket answers.
 """
 
 from __future__ import annotations
@@ -30,13 +36,15 @@ import os
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from chatserver.config import DEFAULT_MODEL_NAME, Settings
 from chatserver.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from chatserver.engine.errors import GenerationFailed, NotReady, RequestTimedOut
 from chatserver.engine.types import Prompt
-from chatserver.errors import ApiError
+from chatserver.limits.admission import AdmissionQueue, Ticket
 from chatserver.models.loading import ModelSource, load_tokenizer, resolve_model
 from chatserver.models.prompt import build_prompt
 from chatserver.protocol.sampling import RequestParams
@@ -65,7 +73,12 @@ class GenerationStream:
     """One sequence's text as it is generated; iterate for deltas."""
 
     def __init__(
-        self, engine: InferenceEngine, seq_id: int, prompt: Prompt, stops: tuple[str, ...]
+        self,
+        engine: InferenceEngine,
+        seq_id: int,
+        prompt: Prompt,
+        stops: tuple[str, ...],
+        ticket: Ticket,
     ):
         self.id = uuid.uuid4().hex
         self.seq_id = seq_id
@@ -79,6 +92,8 @@ class GenerationStream:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self.detokenizer = IncrementalDetokenizer(engine.tokenizer)
         self.matcher = StopStringMatcher(stops)
+        self.ticket = ticket
+        self.deadline: asyncio.TimerHandle | None = None
 
     @property
     def finished(self) -> bool:
@@ -97,6 +112,38 @@ class GenerationStream:
     def cancel(self) -> None:
         """Stop generating; the stream ends with finish_reason 'cancelled'."""
         self._engine._cancel(self)
+
+    def check(self) -> None:
+        """Raise the domain error of a reply that did not end as a reply should.
+
+        The one place that decides which finish reasons are failures: 'stop',
+        'length' and 'cancelled' are replies (a cancelled one is partial);
+        'error' and 'timeout' are not.
+        """
+        if self.finish_reason == "error":
+            raise GenerationFailed()
+        if self.finish_reason == "timeout":
+            raise RequestTimedOut(self._engine.settings.request_timeout)
+
+    async def with_keepalive(self, interval: float) -> AsyncIterator[str | None]:
+        """The deltas, with None after each ``interval`` seconds without one (0: never).
+
+        Streaming transports turn a None into a keep-alive (an SSE comment) so
+        that proxies do not cut a request that is waiting for a running slot.
+        """
+        while True:
+            try:
+                if interval > 0:
+                    async with asyncio.timeout(interval):
+                        delta = await self.__anext__()
+                else:
+                    delta = await self.__anext__()
+            except TimeoutError:
+                yield None
+                continue
+            except StopAsyncIteration:
+                return
+            yield delta
 
     def __aiter__(self) -> GenerationStream:
         return self
@@ -162,11 +209,28 @@ class InferenceEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._source: ModelSource | None = None
         self._restarts: list[float] = []
+        self.max_running = settings.max_running or settings.max_batch
+        self._admission = AdmissionQueue(max(0, settings.max_queue))
 
     # --- lifecycle ---------------------------------------------------------
     @property
     def ready(self) -> bool:
         return bool(self._workers) and self._ready == set(self._workers) and not self._stopping
+
+    @property
+    def running_slots(self) -> int:
+        """Sequences the ready workers decode at once; admitted requests beyond wait."""
+        return len(self._ready) * self.max_running
+
+    def load(self) -> dict[str, int]:
+        """Admitted requests, the running slots and the queue bound, for /readyz and metrics."""
+        slots = self.running_slots
+        return {
+            "admitted": self._admission.admitted,
+            "waiting": self._admission.waiting(slots),
+            "running_slots": slots,
+            "max_queue": self._admission.max_queue,
+        }
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -188,6 +252,8 @@ class InferenceEngine:
         self.model_id = self._source.model_id
         await self._loop.run_in_executor(self._executor, self._load_tokenizer)
         configs = await self._loop.run_in_executor(self._executor, self._worker_configs)
+        if s.max_queue < 0:
+            self._admission.max_queue = 2 * len(configs) * self.max_running
         hosts = self._hosts(configs)
         for wid, host in hosts.items():
             self._workers[wid] = host
@@ -261,7 +327,7 @@ class InferenceEngine:
                 device=worker_device,
                 dtype=s.dtype,
                 max_context=self.max_context,
-                max_batch=s.max_batch,
+                max_batch=self.max_running,
                 prefill_chunk=s.prefill_chunk,
                 threads=threads,
                 nice=5 if device == "cpu" and kind in ("gpu", "pool") else 0,
@@ -294,11 +360,33 @@ class InferenceEngine:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # --- requests ------------------------------------------------------------
+    def admit(self) -> Ticket:
+        """A place in the engine for one request, or ServerBusy; taken before any work."""
+        if not self._ready or self._stopping:
+            raise NotReady(self.failure or "the model workers are not ready yet")
+        return self._admission.admit(self.running_slots)
+
+    async def submit(
+        self, messages: list[dict[str, str]], req: RequestParams, truncate: bool
+    ) -> GenerationStream:
+        """Admit, build the prompt and start generating: the one way requests enter.
+
+        Raises ServerBusy before the prompt is rendered or tokenized, NotReady,
+        or the prompt's own errors (context too long, bad messages).
+        """
+        ticket = self.admit()
+        try:
+            prompt = await self.chat_prompt(messages, req.max_tokens, truncate)
+            return self.generate(prompt, req, ticket)
+        except BaseException:
+            ticket.release()
+            raise
+
     async def chat_prompt(
         self, messages: list[dict[str, str]], max_tokens: int | None, truncate: bool = True
     ) -> Prompt:
         if self.tokenizer is None:
-            raise ApiError(503, "not_ready", "the model is still loading")
+            raise NotReady("the model is still loading")
         wanted = max_tokens or self.settings.default_max_tokens
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
@@ -323,11 +411,21 @@ class InferenceEngine:
             stop_token_ids=self.stop_token_ids,
         )
 
-    def generate(self, prompt: Prompt, req: RequestParams) -> GenerationStream:
-        if not self.ready:
-            raise ApiError(503, "not_ready", self.failure or "the model workers are not ready yet")
+    def generate(
+        self, prompt: Prompt, req: RequestParams, ticket: Ticket | None = None
+    ) -> GenerationStream:
+        """Hand a prompt to the least-loaded ready worker (``ticket``: from admit())."""
+        if not self._ready:
+            raise NotReady(self.failure or "the model workers are not ready yet")
+        if ticket is None:
+            ticket = self.admit()
         seq_id = next(self._seq_ids)
-        stream = GenerationStream(self, seq_id, prompt, req.stop)
+        stream = GenerationStream(self, seq_id, prompt, req.stop, ticket)
+        timeout = self.settings.request_timeout
+        if timeout > 0 and self._loop is not None:
+            # Time in the queue counts: the deadline runs from admission.
+            when = self._loop.time() + timeout - (time.monotonic() - ticket.admitted_at)
+            stream.deadline = self._loop.call_at(when, self._expire, stream)
         worker_id = min(self._ready, key=lambda w: self._load[w])
         stream.worker_id = worker_id
         self._load[worker_id] += 1
@@ -345,9 +443,22 @@ class InferenceEngine:
             worker.send(CancelRequest(stream.seq_id))
         self._finish(stream, "cancelled")
 
+    def _expire(self, stream: GenerationStream) -> None:
+        """--request-timeout passed: take the sequence out of its worker's queue or batch."""
+        if stream.finished:
+            return
+        log.warning("request %s timed out after %gs", stream.id, self.settings.request_timeout)
+        worker = self._workers.get(stream.worker_id)
+        if worker is not None:
+            worker.send(CancelRequest(stream.seq_id))
+        self._finish(stream, "timeout")
+
     def _finish(self, stream: GenerationStream, reason: str) -> None:
         if self._streams.pop(stream.seq_id, None) is not None:
             self._load[stream.worker_id] -= 1
+        if stream.deadline is not None:
+            stream.deadline.cancel()
+        stream.ticket.release(completed=reason in ("stop", "length"))
         stream._finish(reason)
 
     # --- worker output -----------------------------------------------------------

@@ -16,12 +16,16 @@ Server -> client::
     {"type": "token", "id": str, "content": str}
     {"type": "done", "id": str, "finish_reason": "stop"|"length"|"cancelled",
      "usage": {"prompt_tokens": int, "completion_tokens": int}}
-    {"type": "error", "id"?: str, "code": str, "message": str}
+    {"type": "error", "id"?: str, "code": str, "message": str, "retry_after"?: int}
+
+``retry_after`` (whole seconds) comes with codes a client should retry later:
+``server_busy`` and ``rate_limited``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,12 +155,16 @@ def done_frame(
     }
 
 
-def error_frame(code: str, message: str, message_id: str | None = None) -> dict[str, Any]:
+def error_frame(
+    code: str, message: str, message_id: str | None = None, retry_after: float | None = None
+) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "error"}
     if message_id is not None:
         frame["id"] = message_id
     frame["code"] = code
     frame["message"] = message
+    if retry_after is not None:
+        frame["retry_after"] = max(1, math.ceil(retry_after))
     return frame
 
 

@@ -16,7 +16,10 @@ loses the bits its neighbours' wider range takes. Each row is scaled to
 |x| <= 1 first and scaled back after the GEMM (a linear map commutes with
 it): perplexity of the 335-token quality_text.txt in one prefill (LlamaRunner.score)
 17.07 -> 16.50 (fp32 15.96), AMD EPYC, torch capability AVX2, no VNNI, measured
-while building issue 8 by swapping this kernel in; two cheap elementwise ops.
+while building issue 8 by swapping this kernel in; two cheap elementwise ops, yet not free: on the AVX-512+VNNI EPYC they cost
+16-stream decoding 14% (`python -m load_tests.precision`, 317 tok/s with them
+against 367 for the code before, same session) for no gain in quality there
+(prefill perplexity 16.62 with, 16.54 without), so only int8-avx2 scales rows.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class Int8Kernels:
 
     name: str  # reported in /readyz: "int8-vnni", "int8-avx2"
     weight_max: int  # 127 (VNNI) or 63 (AVX2: no int16 saturation)
+    # Scale each activation row to |x| <= 1 around the GEMM (see the module doc).
+    scale_rows: bool
     # down_proj: weight-only int8 (float activations) up to this many rows,
     # then a float GEMM in `down_wide_dtype` (bf16 is fast only natively).
     down_int8_max_rows: int
@@ -42,16 +47,19 @@ class Int8Kernels:
 class Int8Linear:
     """A linear weight quantized per output channel, activations quantized per call (fbgemm)."""
 
-    def __init__(self, weight: torch.Tensor, weight_max: int = 127) -> None:
+    def __init__(
+        self, weight: torch.Tensor, weight_max: int = 127, scale_rows: bool = True
+    ) -> None:
         w = weight.detach().float()
         scales = (w.abs().amax(dim=1) / weight_max).clamp(min=1e-8).double()
         zero_points = torch.zeros(w.shape[0], dtype=torch.long)
         qweight = torch.quantize_per_channel(w, scales, zero_points, 0, torch.qint8)
         self.packed = torch.ops.quantized.linear_prepack(qweight, None)
         self.shape = weight.shape
+        self.scale_rows = scale_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:  # one row: per-tensor is already per-row
+        if x.shape[0] == 1 or not self.scale_rows:  # one row: per-tensor is already per-row
             return torch.ops.quantized.linear_dynamic(x, self.packed, False)
         scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-6)
         return torch.ops.quantized.linear_dynamic(x / scale, self.packed, False) * scale

@@ -58,8 +58,16 @@ def int8_kernels(cpu: CpuFeatures, choice: str = "auto") -> Int8Kernels:
     use_vnni = cpu.vnni if choice == "auto" else choice == "vnni"
     wide = torch.bfloat16 if cpu.native_bf16 else torch.float32
     if use_vnni:
-        return Int8Kernels("int8-vnni", weight_max=127, down_int8_max_rows=4, down_wide_dtype=wide)
-    return Int8Kernels("int8-avx2", weight_max=63, down_int8_max_rows=8, down_wide_dtype=wide)
+        return Int8Kernels(
+            "int8-vnni",
+            weight_max=127,
+            scale_rows=False,
+            down_int8_max_rows=4,
+            down_wide_dtype=wide,
+        )
+    return Int8Kernels(
+        "int8-avx2", weight_max=63, scale_rows=True, down_int8_max_rows=8, down_wide_dtype=wide
+    )
 
 
 def _int8(cpu: CpuFeatures, choice: str) -> Candidate:

@@ -127,16 +127,16 @@ class LlamaRunner:
         self.intermediate = self.layers[0][5].shape[0] // 2
         self.int8 = int8
         if int8 is not None:
-            wmax = int8.weight_max
-            self.lm_head = Int8Linear(self.lm_head, wmax)
+            wmax, rows = int8.weight_max, int8.scale_rows
+            self.lm_head = Int8Linear(self.lm_head, wmax, rows)
             self.layers = [
                 (
                     ln1,
-                    Int8Linear(qkv, wmax),
+                    Int8Linear(qkv, wmax, rows),
                     b,
-                    Int8Linear(o, wmax),
+                    Int8Linear(o, wmax, rows),
                     ln2,
-                    Int8Linear(gu, wmax),
+                    Int8Linear(gu, wmax, rows),
                     DownProjLinear(down, int8),
                 )
                 for ln1, qkv, b, o, ln2, gu, down in self.layers

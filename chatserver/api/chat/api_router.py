@@ -8,7 +8,6 @@ from chatserver.api.chat.protocol import parse_query, query_response, session_re
 from chatserver.api.chat.serving import session_not_found
 from chatserver.api.errors import read_json_object
 from chatserver.api.state import CHAT, SESSIONS
-from chatserver.errors import ApiError
 
 
 async def query(request: web.Request) -> web.Response:
@@ -20,8 +19,7 @@ async def query(request: web.Request) -> web.Response:
     async with stream:
         async for _ in stream:
             pass
-    if stream.finish_reason == "error":
-        raise ApiError(500, "generation_failed", "the model failed to generate a reply")
+    stream.check()
     await chat.finish_turn(turn)
     return web.json_response(
         query_response(

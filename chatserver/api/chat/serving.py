@@ -8,7 +8,6 @@ context. The turn is written to history only once its reply is over; see
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -56,7 +55,8 @@ class ChatService:
     async def start_turn(self, session_id: str | None, content: str, params: RequestParams) -> Turn:
         """Build the prompt and start generating; None as session_id starts a session.
 
-        Raises ApiError: session_not_found, context_length_exceeded, not_ready.
+        Raises session_not_found, ServerBusy (before the prompt is built), NotReady,
+        context_length_exceeded.
         """
         history: list[Message] = []
         if session_id is not None:
@@ -67,11 +67,7 @@ class ChatService:
         messages = [{"role": "system", "content": self.settings.system_prompt}]
         messages += [{"role": m["role"], "content": m["content"]} for m in history]
         messages.append({"role": "user", "content": content})
-        max_tokens = params.max_tokens or self.settings.default_max_tokens
-        prompt = await self.engine.chat_prompt(messages, max_tokens, truncate=True)
-        stream = self.inflight.add(
-            self.engine.generate(prompt, dataclasses.replace(params, max_tokens=max_tokens))
-        )
+        stream = self.inflight.add(await self.engine.submit(messages, params, truncate=True))
         created = session_id is None
         if session_id is None:
             try:

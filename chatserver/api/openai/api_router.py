@@ -14,6 +14,8 @@ from chatserver.api.state import OPENAI
 log = logging.getLogger(__name__)
 
 PATH_PREFIXES = ("/v1/chat/", "/v1/models")
+# An SSE comment: clients ignore it, proxies see a live connection.
+SSE_KEEPALIVE = b": keep-alive\n\n"
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -40,7 +42,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             try:
                 async with aclosing(serving.chunks(body, stream)) as chunks:
                     async for chunk in chunks:
-                        await response.write(sse_event(chunk))
+                        await response.write(SSE_KEEPALIVE if chunk is None else sse_event(chunk))
             except ConnectionError:
                 raise
             except Exception as exc:

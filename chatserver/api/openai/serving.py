@@ -7,7 +7,6 @@ fit the context is the client's to shorten, so it gets 400
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -52,13 +51,13 @@ class OpenAIServing:
     async def start(self, request: ChatCompletionRequest) -> GenerationStream:
         """Check the model, build the prompt and start generating; the caller enters the stream.
 
-        Raises ApiError: model_not_found, context_length_exceeded, not_ready.
+        Raises model_not_found, ServerBusy (before the prompt is built), NotReady,
+        context_length_exceeded.
         """
         self.check_model(request.model)
-        max_tokens = request.params.max_tokens or self.settings.default_max_tokens
-        prompt = await self.engine.chat_prompt(request.messages, max_tokens, truncate=False)
-        params = dataclasses.replace(request.params, max_tokens=max_tokens)
-        return self.inflight.add(self.engine.generate(prompt, params))
+        return self.inflight.add(
+            await self.engine.submit(request.messages, request.params, truncate=False)
+        )
 
     async def complete(
         self, request: ChatCompletionRequest, stream: GenerationStream
@@ -66,8 +65,7 @@ class OpenAIServing:
         """Drain an entered stream into one ``chat.completion`` object."""
         async for _ in stream:
             pass
-        if stream.finish_reason == "error":
-            raise ApiError(500, "generation_failed", "the model failed to generate a reply")
+        stream.check()
         return protocol.chat_completion(
             protocol.completion_id(),
             int(time.time()),
@@ -80,16 +78,20 @@ class OpenAIServing:
 
     async def chunks(
         self, request: ChatCompletionRequest, stream: GenerationStream
-    ) -> AsyncIterator[dict[str, Any]]:
-        """The ``chat.completion.chunk`` objects for an entered stream, in OpenAI's order."""
+    ) -> AsyncIterator[dict[str, Any] | None]:
+        """The ``chat.completion.chunk`` objects for an entered stream, in OpenAI's order.
+
+        None stands for a keep-alive: nothing to send for --keepalive-interval seconds.
+        """
         id, created, model = protocol.completion_id(), int(time.time()), self.engine.model_id
         usage = request.include_usage
         yield protocol.chunk(id, created, model, {"role": "assistant", "content": ""}, None, usage)
-        async for delta in stream:
-            if delta:
+        async for delta in stream.with_keepalive(self.settings.keepalive_interval):
+            if delta is None:
+                yield None
+            elif delta:
                 yield protocol.chunk(id, created, model, {"content": delta}, None, usage)
-        if stream.finish_reason == "error":
-            raise ApiError(500, "generation_failed", "the model failed to generate a reply")
+        stream.check()
         reason = protocol.openai_finish_reason(stream.finish_reason)
         yield protocol.chunk(id, created, model, {}, reason, usage)
         if usage:

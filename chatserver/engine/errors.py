@@ -1,0 +1,32 @@
+"""What can go wrong in the engine, as domain errors; ``api/errors.py`` maps them to HTTP once.
+
+Admission's ``ServerBusy`` lives with the queue that raises it
+(``chatserver.limits.admission``).
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """A request the engine could not serve; the message is for the client."""
+
+
+class NotReady(EngineError):
+    """No worker can take the request yet (model loading, or every worker down)."""
+
+
+class GenerationFailed(EngineError):
+    """The model failed while generating this reply (a worker died, sampling failed)."""
+
+    def __init__(self, message: str = "the model failed to generate a reply") -> None:
+        super().__init__(message)
+
+
+class RequestTimedOut(EngineError):
+    """The request spent longer than --request-timeout queued and generating."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(
+            f"the request took longer than {timeout:g} s (--request-timeout) and was stopped"
+        )
+        self.timeout = timeout
