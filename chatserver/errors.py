@@ -7,6 +7,7 @@ the same ``code`` and ``message``. ``code`` strings are stable API.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -18,6 +19,9 @@ class ApiError(Exception):
     code: str
     message: str
     param: str | None = None
+    # Seconds until a retry could succeed (429 rate_limited, 503 server_busy): the
+    # Retry-After header on HTTP, "retry_after" in a WebSocket error frame.
+    retry_after: float | None = None
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -31,3 +35,8 @@ class ApiError(Exception):
 
 def bad_request(code: str, message: str, param: str | None = None) -> ApiError:
     return ApiError(400, code, message, param)
+
+
+def retry_after_seconds(retry_after: float) -> int:
+    """Whole seconds for a Retry-After header or frame: rounded up, at least 1."""
+    return max(1, math.ceil(retry_after))

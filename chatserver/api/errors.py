@@ -16,7 +16,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from chatserver.errors import ApiError, bad_request
+from chatserver.errors import ApiError, bad_request, retry_after_seconds
+from chatserver.limits.rate import REQUESTS, RateLimited
 from chatserver.protocol.json_input import JsonInputError, loads_strict
 from chatserver.sessions import SessionStoreUnavailable
 
@@ -38,9 +39,22 @@ def to_api_error(exc: BaseException, request: web.Request | None = None) -> ApiE
         if request is None:
             return ApiError(exc.status, code, exc.reason)
         return ApiError(exc.status, code, template.format(method=request.method, path=request.path))
+    if isinstance(exc, RateLimited):
+        return rate_limited(exc)
     if isinstance(exc, SessionStoreUnavailable):
         return ApiError(503, "session_store_unavailable", "the session store is unavailable")
     return ApiError(500, "internal_error", "internal server error")
+
+
+def rate_limited(exc: RateLimited) -> ApiError:
+    wait = retry_after_seconds(exc.retry_after)
+    what = "requests" if exc.limit == REQUESTS else "generated tokens"
+    return ApiError(
+        429,
+        "rate_limited",
+        f"rate limit reached: {exc.per_minute} {what} per minute per client; retry in {wait} s",
+        retry_after=exc.retry_after,
+    )
 
 
 def openai_error_type(status: int) -> str:
@@ -63,7 +77,10 @@ def error_body(err: ApiError, *, openai: bool = False) -> dict[str, Any]:
 
 
 def error_response(err: ApiError, *, openai: bool = False) -> web.Response:
-    return web.json_response(error_body(err, openai=openai), status=err.status)
+    response = web.json_response(error_body(err, openai=openai), status=err.status)
+    if err.retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after_seconds(err.retry_after))
+    return response
 
 
 def error_middleware(is_openai: Callable[[web.Request], bool]) -> Middleware:

@@ -16,7 +16,8 @@ Server -> client::
     {"type": "token", "id": str, "content": str}
     {"type": "done", "id": str, "finish_reason": "stop"|"length"|"cancelled",
      "usage": {"prompt_tokens": int, "completion_tokens": int}}
-    {"type": "error", "id"?: str, "code": str, "message": str}
+    {"type": "error", "id"?: str, "code": str, "message": str,
+     "retry_after"?: int}   # seconds, on rate_limited / server_busy
 """
 
 from __future__ import annotations
@@ -151,12 +152,16 @@ def done_frame(
     }
 
 
-def error_frame(code: str, message: str, message_id: str | None = None) -> dict[str, Any]:
+def error_frame(
+    code: str, message: str, message_id: str | None = None, retry_after: int | None = None
+) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "error"}
     if message_id is not None:
         frame["id"] = message_id
     frame["code"] = code
     frame["message"] = message
+    if retry_after is not None:
+        frame["retry_after"] = retry_after
     return frame
 
 
