@@ -1,7 +1,7 @@
 """Wiring: the aiohttp application built from Settings, and the process that serves it.
 
 Resources open and close in ``cleanup_ctx`` order (thread pool, session store,
-engine, the services over them) and live under typed ``AppKey``s; handlers
+rate limiter, engine, the services over them) and live under typed ``AppKey``s; handlers
 find everything there, never in module globals.
 """
 
@@ -32,6 +32,7 @@ from chatserver.api.state import (
     INFLIGHT,
     OPENAI,
     ORIGINS,
+    RATE_LIMITER,
     SESSIONS,
     SETTINGS,
     WEBSOCKETS,
@@ -39,6 +40,7 @@ from chatserver.api.state import (
 from chatserver.config import Settings
 from chatserver.engine.engine import InferenceEngine
 from chatserver.limits import InFlight
+from chatserver.limits.rate import open_rate_limiter
 from chatserver.sessions import SessionStoreUnavailable, open_store
 
 log = logging.getLogger("chatserver")
@@ -76,6 +78,12 @@ async def _session_store(app: web.Application) -> AsyncIterator[None]:
     app[SESSIONS] = store
     yield
     await store.close()
+
+
+async def _rate_limiter(app: web.Application) -> AsyncIterator[None]:
+    app[RATE_LIMITER] = open_rate_limiter(app[SETTINGS])
+    yield
+    await app[RATE_LIMITER].close()
 
 
 async def _engine(app: web.Application) -> AsyncIterator[None]:
@@ -122,7 +130,7 @@ def build_app(settings: Settings) -> web.Application:
     app[ORIGINS] = origins
     app[WEBSOCKETS] = weakref.WeakSet()
     app[INFLIGHT] = InFlight()
-    app.cleanup_ctx.extend([_thread_pool, _session_store, _engine, _services])
+    app.cleanup_ctx.extend([_thread_pool, _session_store, _rate_limiter, _engine, _services])
     app.on_shutdown.extend([ws.close_websockets, _drain])
     health.setup_routes(app)
     ws.setup_routes(app)

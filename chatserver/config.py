@@ -143,6 +143,13 @@ class Settings:
     redis_url: str = field(
         default="", metadata={"help": "redis:// URL for sessions; empty: in-process store"}
     )
+    redis_prefix: str = field(
+        default="chatserver:",
+        metadata={
+            "help": "prefix of every Redis key (sessions, rate limits), so that several "
+            "deployments can share one Redis"
+        },
+    )
     session_ttl: int = field(
         default=86400, metadata={"help": "seconds a session lives after its last use"}
     )
@@ -167,6 +174,20 @@ class Settings:
     )
     ws_heartbeat: float = field(
         default=30.0, metadata={"help": "seconds between WebSocket keepalive pings"}
+    )
+    rate_limit: int = field(
+        default=0,
+        metadata={
+            "help": "requests per minute one client (its address) may make; over it: 429 "
+            "rate_limited. Shared by all servers on --redis-url. 0: no limit"
+        },
+    )
+    token_rate_limit: int = field(
+        default=0,
+        metadata={
+            "help": "generated tokens per minute one client may spend; a client over it "
+            "is refused (429 rate_limited) until it is back under. 0: no limit"
+        },
     )
     cors_origin: str = field(
         default="",

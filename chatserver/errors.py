@@ -7,6 +7,7 @@ the same ``code`` and ``message``. ``code`` strings are stable API.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -18,8 +19,8 @@ class ApiError(Exception):
     code: str
     message: str
     param: str | None = None
-    # Seconds after which a retry may succeed: the Retry-After header, and the
-    # WebSocket error frame's retry_after.
+    # Seconds until a retry could succeed (429 rate_limited, 503 server_busy): the
+    # Retry-After header on HTTP, "retry_after" in a WebSocket error frame.
     retry_after: float | None = None
 
     def __str__(self) -> str:
@@ -34,3 +35,8 @@ class ApiError(Exception):
 
 def bad_request(code: str, message: str, param: str | None = None) -> ApiError:
     return ApiError(400, code, message, param)
+
+
+def retry_after_seconds(retry_after: float) -> int:
+    """Whole seconds for a Retry-After header or frame: rounded up, at least 1."""
+    return max(1, math.ceil(retry_after))

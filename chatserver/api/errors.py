@@ -10,7 +10,6 @@ into one of those bodies.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +17,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from chatserver.engine.errors import GenerationFailed, NotReady, RequestTimedOut
-from chatserver.errors import ApiError, bad_request
+from chatserver.errors import ApiError, bad_request, retry_after_seconds
 from chatserver.limits.admission import ServerBusy
+from chatserver.limits.rate import REQUESTS, RateLimited
 from chatserver.protocol.json_input import JsonInputError, loads_strict
 from chatserver.sessions import SessionStoreUnavailable
 
@@ -49,9 +49,22 @@ def to_api_error(exc: BaseException, request: web.Request | None = None) -> ApiE
         return ApiError(504, "request_timeout", str(exc))
     if isinstance(exc, GenerationFailed):
         return ApiError(500, "generation_failed", str(exc))
+    if isinstance(exc, RateLimited):
+        return rate_limited(exc)
     if isinstance(exc, SessionStoreUnavailable):
         return ApiError(503, "session_store_unavailable", "the session store is unavailable")
     return ApiError(500, "internal_error", "internal server error")
+
+
+def rate_limited(exc: RateLimited) -> ApiError:
+    wait = retry_after_seconds(exc.retry_after)
+    what = "requests" if exc.limit == REQUESTS else "generated tokens"
+    return ApiError(
+        429,
+        "rate_limited",
+        f"rate limit reached: {exc.per_minute} {what} per minute per client; retry in {wait} s",
+        retry_after=exc.retry_after,
+    )
 
 
 def openai_error_type(status: int) -> str:
@@ -73,15 +86,10 @@ def error_body(err: ApiError, *, openai: bool = False) -> dict[str, Any]:
     }
 
 
-def retry_after_header(seconds: float) -> str:
-    """Whole seconds, rounded up, at least 1 (RFC 9110 takes integers only)."""
-    return str(max(1, math.ceil(seconds)))
-
-
 def error_response(err: ApiError, *, openai: bool = False) -> web.Response:
     response = web.json_response(error_body(err, openai=openai), status=err.status)
     if err.retry_after is not None:
-        response.headers["Retry-After"] = retry_after_header(err.retry_after)
+        response.headers["Retry-After"] = str(retry_after_seconds(err.retry_after))
     return response
 
 

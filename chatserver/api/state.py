@@ -10,6 +10,7 @@ from aiohttp import web
 
 from chatserver.config import Settings
 from chatserver.limits import InFlight
+from chatserver.limits.rate import RateLimiter
 from chatserver.sessions import SessionStore
 
 if TYPE_CHECKING:
@@ -21,6 +22,8 @@ SETTINGS = web.AppKey("settings", Settings)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 SESSIONS = web.AppKey("sessions", SessionStore)
 INFLIGHT = web.AppKey("inflight", InFlight)
+# Per-client requests and tokens per minute (--rate-limit, --token-rate-limit).
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 ENGINE: web.AppKey[InferenceEngine] = web.AppKey("engine")
 CHAT: web.AppKey[ChatService] = web.AppKey("chat")
 OPENAI: web.AppKey[OpenAIServing] = web.AppKey("openai")

@@ -23,9 +23,10 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from chatserver.api.chat.serving import ChatService, session_not_found
 from chatserver.api.errors import to_api_error
 from chatserver.api.origins import check_websocket_origin
+from chatserver.api.ratelimit import ClientLimits, client_limits
 from chatserver.api.state import CHAT, ORIGINS, SETTINGS, WEBSOCKETS
 from chatserver.config import Settings
-from chatserver.errors import ApiError
+from chatserver.errors import ApiError, retry_after_seconds
 from chatserver.limits import FrameThrottle
 from chatserver.protocol.ws import (
     CancelFrame,
@@ -69,10 +70,17 @@ class _Job:
 class ChatSocket:
     """The state of one /ws connection: current session, queue, running message."""
 
-    def __init__(self, ws: web.WebSocketResponse, chat: ChatService, settings: Settings):
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        chat: ChatService,
+        settings: Settings,
+        limits: ClientLimits,
+    ):
         self.ws = ws
         self.chat = chat
         self.settings = settings
+        self.limits = limits
         self.session_id: str | None = None
         self._pending: deque[_Job] = deque()
         self._running: _Job | None = None
@@ -112,7 +120,8 @@ class ChatSocket:
         err = to_api_error(exc)
         if err.code == "internal_error":
             log.error("websocket message %s failed", message_id, exc_info=exc)
-        await self._send(error_frame(err.code, err.message, message_id, err.retry_after))
+        retry_after = None if err.retry_after is None else retry_after_seconds(err.retry_after)
+        await self._send(error_frame(err.code, err.message, message_id, retry_after))
 
     async def _resume(self, session_id: str) -> None:
         try:
@@ -203,6 +212,7 @@ class ChatSocket:
     async def _answer(self, job: _Job) -> None:
         frame = job.frame
         try:
+            await self.limits.admit()
             turn = await self.chat.start_turn(
                 frame.session_id or self.session_id, frame.content, frame.params
             )
@@ -216,7 +226,8 @@ class ChatSocket:
             await self._send_error(exc, job.id)
             return
         stream = job.stream = turn.stream
-        async with stream:  # leaving it early (error, socket gone) cancels the generation
+        # Leaving it early (error, socket gone) cancels the generation; its tokens are charged.
+        async with self.limits.metered(stream):
             if job.cancelled:
                 stream.cancel()
             if turn.session_id != self.session_id:
@@ -276,7 +287,10 @@ async def chat_ws(request: web.Request) -> web.WebSocketResponse:
     sockets = request.app[WEBSOCKETS]
     sockets.add(ws)
     try:
-        await ChatSocket(ws, request.app[CHAT], settings).run(request.query.get("session_id"))
+        limits = client_limits(request)
+        await ChatSocket(ws, request.app[CHAT], settings, limits).run(
+            request.query.get("session_id")
+        )
     finally:
         sockets.discard(ws)
     return ws

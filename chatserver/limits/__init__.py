@@ -1,13 +1,15 @@
 """Limits on what one client, and all clients together, may ask of the server.
 
-Now: ``throttle.FrameThrottle`` paces the frames one WebSocket may send, and
-``inflight.InFlight`` knows the generations under way (drained at shutdown).
+Now: ``throttle.FrameThrottle`` paces the frames one WebSocket may send,
+``inflight.InFlight`` knows the generations under way (drained at shutdown),
+and ``rate.RateLimiter`` holds each client to its requests and generated
+tokens per minute (``RateLimited``: HTTP 429 with ``Retry-After``).
 
 Planned (names reserved, not built yet): ``admission.AdmissionQueue``, a
 bounded queue in front of the engine that refuses work it could not start
-soon with ``Overloaded`` (HTTP 429 for one client over its quota, 503 when the
-server is full), each carrying a ``retry_after`` the handlers put in a
-``Retry-After`` header or the WebSocket error frame.
+soon with ``Overloaded`` (503 when the server is full), carrying a
+``retry_after`` the handlers put in a ``Retry-After`` header or the WebSocket
+error frame, as they do for ``RateLimited``.
 """
 
 from chatserver.limits.inflight import InFlight

@@ -25,7 +25,6 @@ Server -> client::
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,7 +155,7 @@ def done_frame(
 
 
 def error_frame(
-    code: str, message: str, message_id: str | None = None, retry_after: float | None = None
+    code: str, message: str, message_id: str | None = None, retry_after: int | None = None
 ) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "error"}
     if message_id is not None:
@@ -164,7 +163,7 @@ def error_frame(
     frame["code"] = code
     frame["message"] = message
     if retry_after is not None:
-        frame["retry_after"] = max(1, math.ceil(retry_after))
+        frame["retry_after"] = retry_after
     return frame
 
 

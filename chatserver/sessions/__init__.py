@@ -11,7 +11,9 @@ def open_store(settings: Settings) -> SessionStore:
     if settings.redis_url:
         from chatserver.sessions.redis import RedisSessionStore
 
-        return RedisSessionStore(settings.redis_url, ttl=settings.session_ttl)
+        return RedisSessionStore(
+            settings.redis_url, ttl=settings.session_ttl, prefix=settings.redis_prefix
+        )
     from chatserver.sessions.memory import MemorySessionStore
 
     return MemorySessionStore(ttl=settings.session_ttl)

@@ -7,6 +7,7 @@ from aiohttp import web
 from chatserver.api.chat.protocol import parse_query, query_response, session_response
 from chatserver.api.chat.serving import session_not_found
 from chatserver.api.errors import read_json_object
+from chatserver.api.ratelimit import client_limits
 from chatserver.api.state import CHAT, SESSIONS
 
 
@@ -14,9 +15,11 @@ async def query(request: web.Request) -> web.Response:
     """Answer one message in a session; a client that disconnects cancels its reply."""
     chat = request.app[CHAT]
     body = parse_query(await read_json_object(request))
+    limits = client_limits(request)
+    await limits.admit()
     turn = await chat.start_turn(body.session_id, body.message, body.params)
     stream = turn.stream
-    async with stream:
+    async with limits.metered(stream):
         async for _ in stream:
             pass
     stream.check()

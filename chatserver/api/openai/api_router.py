@@ -9,6 +9,7 @@ from aiohttp import web
 
 from chatserver.api.errors import error_body, read_json_object, to_api_error
 from chatserver.api.openai.protocol import SSE_DONE, parse_chat_completion, sse_event
+from chatserver.api.ratelimit import client_limits
 from chatserver.api.state import OPENAI
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     """One completion, as JSON or as SSE chunks; a client that goes away cancels it."""
     serving = request.app[OPENAI]
     body = parse_chat_completion(await read_json_object(request))
+    limits = client_limits(request)
+    await limits.admit()
     stream = await serving.start(body)
-    async with stream:  # leaving it early (error, disconnect) cancels the generation
+    # Leaving it early (error, disconnect) cancels the generation; its tokens are charged.
+    async with limits.metered(stream):
         if not body.stream:
             return web.json_response(await serving.complete(body, stream))
         response = web.StreamResponse(headers=SSE_HEADERS)

@@ -1,0 +1,54 @@
+"""Who a request counts against, and the rate limiter bound to that client.
+
+Every entry point that generates (POST /v1/query, each /ws chat message,
+POST /v1/chat/completions) calls ``admit()`` once the request is well-formed
+and before any prompt work, and wraps its stream in ``metered()`` so that the
+reply's generated tokens are charged when it ends, however it ends. The
+limits themselves are in ``chatserver.limits.rate``; ``RateLimited`` becomes a
+429 in ``api/errors.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from chatserver.api.state import RATE_LIMITER
+from chatserver.limits.rate import RateLimiter
+
+if TYPE_CHECKING:
+    from chatserver.engine.engine import GenerationStream
+
+
+def client_id(request: web.Request) -> str:
+    """The identity rate limits count against: the peer address (API keys will replace it)."""
+    return request.remote or "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLimits:
+    """The server's rate limiter for one client."""
+
+    limiter: RateLimiter
+    client: str
+
+    async def admit(self) -> None:
+        """Raise RateLimited if this client may not start another generation now."""
+        await self.limiter.admit(self.client)
+
+    @asynccontextmanager
+    async def metered(self, stream: GenerationStream) -> AsyncIterator[GenerationStream]:
+        """``async with stream`` that charges the tokens it generated when it is left."""
+        try:
+            async with stream:
+                yield stream
+        finally:
+            await self.limiter.charge_tokens(self.client, stream.completion_tokens)
+
+
+def client_limits(request: web.Request) -> ClientLimits:
+    return ClientLimits(request.app[RATE_LIMITER], client_id(request))
