@@ -10,7 +10,8 @@ admitted requests and how fast refusals were answered. With
 ``--max-queue``) gets the same offered load right after, for comparison.
 
     python -m load_tests.overload
-    python -m load_tests.overload --server-args "--max-running 16 --max-queue 8" \\
+    python -m load_tests.overload --server-args "--max-running 16 --max-queue 0" \\
+        --baseline-args "--max-running 16 --max-queue 4" \\
         --baseline-args "--max-running 16 --max-queue 100000"
 
 Loopback servers only; every pass is bounded by ``--duration`` for arrivals and
@@ -42,9 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--server-args", default="--max-running 16 --max-queue 8")
-    p.add_argument("--baseline-args", default="--max-running 16 --max-queue 100000")
-    p.add_argument("--no-baseline", action="store_true", help="skip the baseline server")
+    p.add_argument("--server-args", default="--max-running 16 --max-queue 0")
+    p.add_argument(
+        "--baseline-args",
+        action="append",
+        help="flags of a server to compare under the same offered load (repeatable; "
+        "default: admission effectively off, --max-running 16 --max-queue 100000)",
+    )
+    p.add_argument("--no-baseline", action="store_true", help="skip the baseline server(s)")
     p.add_argument("--factor", type=positive_float, default=3.0, help="offered load / capacity")
     p.add_argument("--duration", type=positive_float, default=60.0, help="seconds of arrivals")
     p.add_argument("--max-tokens", type=positive_int, default=64)
@@ -82,6 +88,7 @@ async def measure_capacity(url: str, concurrency: int, requests: int, max_tokens
 def summarize_overload(
     results: Sequence[RequestResult], duration: float, offered: float
 ) -> dict[str, Any]:
+    first = min((r.start for r in results), default=0.0)
     admitted = [r for r in results if r.ok]
     refused = [r for r in results if not r.ok and r.error == REFUSED]
     other = [r for r in results if not r.ok and r.error != REFUSED]
@@ -99,6 +106,11 @@ def summarize_overload(
         "ttft_admitted_ms": distribution((r.ttft for r in admitted if r.ttft is not None), ms),
         "refusal_ms": distribution((r.latency for r in refused), ms),
         "duration_s": duration,
+        # Every request: seconds from the first arrival to its start, TTFT, latency, error.
+        "samples": [
+            (round(r.start - first, 4), r.ttft, round(r.latency, 4), r.error)
+            for r in sorted(results, key=lambda r: r.start)
+        ],
     }
 
 
@@ -174,8 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(describe_machine(host))
     runs = [run_server(args.server_args, args, args.capacity)]
     if not args.no_baseline:
-        # The same offered load: the baseline is measured against the first capacity.
-        runs.append(run_server(args.baseline_args, args, runs[0]["capacity_rps"]))
+        # The same offered load: baselines get the first server's measured capacity.
+        for baseline in args.baseline_args or ["--max-running 16 --max-queue 100000"]:
+            runs.append(run_server(baseline, args, runs[0]["capacity_rps"]))
     print(describe_machine(host) + "\n")
     print(describe_precision(runs[0]["precision"]) + "\n")
     print(

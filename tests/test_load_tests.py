@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from load_tests import bench_batching
+from load_tests import bench_batching, overload
 from load_tests.__main__ import main as load_main
 from load_tests.guard import RemoteURLRefused, check_url, is_loopback_host
 from load_tests.prompts import BUILTIN_PROMPTS, load_prompts, prompt_for
@@ -117,6 +117,25 @@ def test_non_streaming_results_have_no_itl_or_tpot() -> None:
     assert s["ttft_ms"]["p50"] == s["e2e_ms"]["p50"] == pytest.approx(500.0)
     assert s["tpot_ms"]["count"] == s["itl_ms"]["count"] == 0
     assert "does not stream" in format_summary(s)
+
+
+def test_overload_summary_splits_admitted_and_refused() -> None:
+    results = [
+        RequestResult(ok=True, start=10.0, latency=2.0, ttft=0.5, completion_tokens=64),
+        RequestResult(ok=True, start=10.5, latency=3.0, ttft=1.5, completion_tokens=32),
+        RequestResult(ok=False, start=11.0, latency=0.002, error="server_busy"),
+        RequestResult(ok=False, start=11.5, latency=0.004, error="server_busy"),
+        RequestResult(ok=False, start=12.0, latency=30.0, error="timeout"),
+    ]
+    summary = overload.summarize_overload(results, duration=10.0, offered=0.5)
+    assert (summary["completed"], summary["refused"], summary["other_error_count"]) == (2, 2, 1)
+    assert summary["refused_share"] == pytest.approx(0.4)
+    assert summary["goodput_rps"] == pytest.approx(0.2)
+    assert summary["goodput_tok_s"] == pytest.approx(9.6)
+    assert summary["ttft_admitted_ms"]["p50"] == pytest.approx(1000.0)
+    assert summary["refusal_ms"]["max"] == pytest.approx(4.0)
+    assert summary["samples"][0] == (0.0, 0.5, 2.0, None)
+    assert overload.running_slots("--max-queue 2 --max-running 8") == 8
 
 
 def test_markdown_table_aligns_columns() -> None:
