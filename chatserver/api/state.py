@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from chatserver.api.auth import KeyRing
 from chatserver.config import Settings
 from chatserver.limits import InFlight
 from chatserver.sessions import SessionStore
@@ -21,6 +22,8 @@ SETTINGS = web.AppKey("settings", Settings)
 EXECUTOR = web.AppKey("executor", ThreadPoolExecutor)
 SESSIONS = web.AppKey("sessions", SessionStore)
 INFLIGHT = web.AppKey("inflight", InFlight)
+# The API keys (--api-key, --api-keys-file); `required` is False without any.
+API_KEYS = web.AppKey("api_keys", KeyRing)
 ENGINE: web.AppKey[InferenceEngine] = web.AppKey("engine")
 CHAT: web.AppKey[ChatService] = web.AppKey("chat")
 OPENAI: web.AppKey[OpenAIServing] = web.AppKey("openai")
