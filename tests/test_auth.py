@@ -21,7 +21,14 @@ import pytest
 import redis.asyncio as aioredis
 from openai import AsyncOpenAI
 
-from chatserver.api.auth import ApiKeysError, KeyRing, is_public, key_owner, parse_keys_file
+from chatserver.api.auth import (
+    ApiKeysError,
+    KeyRing,
+    fingerprint,
+    is_public,
+    key_owner,
+    parse_keys_file,
+)
 from chatserver.config import Settings
 from tests.serverproc import ServerProcess
 
@@ -474,7 +481,8 @@ async def test_keys_are_never_logged(keyed: ServerProcess, http: aiohttp.ClientS
     await asyncio.sleep(0.5)  # the access log line is written after the response
     log = keyed.log_text()
     assert "api_key=<redacted>" in log
-    assert "alice" in log  # keys are named in the log by their names...
+    assert "alice" in log  # keys are named in the log by their names or short hashes...
+    assert fingerprint(WRONG) in log
     for key in (KEY_A, KEY_B, KEY_C, WRONG):
         assert key not in log  # ...never by themselves
 

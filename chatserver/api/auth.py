@@ -78,6 +78,11 @@ def key_fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
+def fingerprint(key: str) -> str:
+    """How a log line names a key that may have no name (a refused one): ``sha256:1a2b3c4d``."""
+    return f"sha256:{key_fingerprint(key)}"
+
+
 def key_owner(key: str) -> str:
     """The session owner for a key: stable across servers, not the key, not its short hash."""
     return hashlib.sha256(_OWNER_SALT + key.encode()).hexdigest()[:32]
@@ -265,7 +270,7 @@ def auth_middleware(
                 "%s %s: refused API key %s",
                 request.method,
                 request.path,
-                ", ".join(f"sha256:{key_fingerprint(c)}" for c in candidates),
+                ", ".join(fingerprint(c) for c in candidates),
             )
             return unauthorized(WRONG_KEY, openai=is_openai(request), wrong_key=True)
         request[PRINCIPAL] = found.pop()  # type: ignore[assignment]

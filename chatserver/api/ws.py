@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from chatserver.api.auth import PRINCIPAL, KeyRing, Principal, principal, websocket_protocols
+from chatserver.api.auth import (
+    PRINCIPAL,
+    KeyRing,
+    Principal,
+    fingerprint,
+    principal,
+    websocket_protocols,
+)
 from chatserver.api.chat.serving import ChatService, session_not_found
 from chatserver.api.errors import to_api_error
 from chatserver.api.origins import check_websocket_origin
@@ -325,6 +332,7 @@ async def authenticate(
                 if isinstance(frame, AuthFrame):
                     found = keys.lookup(frame.api_key)
                     if found is None:
+                        log.info("/ws auth frame: refused API key %s", fingerprint(frame.api_key))
                         await refuse(ws, frame.id, "the API key is not valid")
                     return found
                 frame_id = frame.id
