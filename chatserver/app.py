@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from chatserver.api import access_log, health, page, ws
+from chatserver.api.auth import ApiKeysError, KeyRing, auth_middleware, reload_on_sighup
 from chatserver.api.chat import api_router as chat_router
 from chatserver.api.chat.serving import ChatService
 from chatserver.api.errors import error_middleware
@@ -26,6 +27,7 @@ from chatserver.api.openai import api_router as openai_router
 from chatserver.api.openai.serving import OpenAIServing
 from chatserver.api.origins import cors_middleware, parse_origins
 from chatserver.api.state import (
+    API_KEYS,
     CHAT,
     ENGINE,
     EXECUTOR,
@@ -119,18 +121,23 @@ async def _drain(app: web.Application) -> None:
 
 def build_app(settings: Settings) -> web.Application:
     origins = parse_origins(settings.cors_origin)
+    keys = KeyRing(settings.api_key, settings.api_keys_file)
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[
             cors_middleware(origins),
+            auth_middleware(keys, openai_router.is_openai_request, settings.metrics_auth),
             error_middleware(openai_router.is_openai_request),
         ],
     )
     app[SETTINGS] = settings
+    app[API_KEYS] = keys
     app[ORIGINS] = origins
     app[WEBSOCKETS] = weakref.WeakSet()
     app[INFLIGHT] = InFlight()
-    app.cleanup_ctx.extend([_thread_pool, _session_store, _rate_limiter, _engine, _services])
+    app.cleanup_ctx.extend(
+        [reload_on_sighup(keys), _thread_pool, _session_store, _rate_limiter, _engine, _services]
+    )
     app.on_shutdown.extend([ws.close_websockets, _drain])
     health.setup_routes(app)
     ws.setup_routes(app)
@@ -184,5 +191,5 @@ def serve(settings: Settings) -> None:
             uvloop.run(_serve(settings))
     except SessionStoreUnavailable as exc:
         sys.exit(f"chatserver: {exc} (check --redis-url)")
-    except StartupFailed as exc:
+    except (StartupFailed, ApiKeysError) as exc:
         sys.exit(f"chatserver: {exc}")

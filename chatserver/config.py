@@ -196,6 +196,26 @@ class Settings:
             "this server from a browser; the server's own origin always may"
         },
     )
+    api_key: list[str] = field(
+        default_factory=list,
+        repr=False,  # keys stay out of logs and tracebacks
+        metadata={
+            "help": "an API key clients must send (repeat the flag for several; the env var "
+            "takes them comma-separated); with any key set, every route but the page, "
+            "/healthz, /readyz and /metrics needs one (README Authentication)",
+            "repeatable": True,
+        },
+    )
+    api_keys_file: str = field(
+        default="",
+        metadata={
+            "help": "file of API keys, one a line, optionally 'name:key'; re-read on SIGHUP. "
+            "Keys are required once this is set, even while the file lists none"
+        },
+    )
+    metrics_auth: bool = field(
+        default=False, metadata={"help": "/metrics needs an API key too (when keys are set)"}
+    )
     tokenizer_threads: int = field(
         default=4, metadata={"help": "threads for tokenizing, templating and detokenizing"}
     )
@@ -209,6 +229,16 @@ class Settings:
             flag = "--" + f.name.replace("_", "-")
             typ = f.type if isinstance(f.type, type) else eval(f.type)  # noqa: S307
             raw = os.environ.get(env)
+            if f.metadata.get("repeatable"):
+                # Flags replace the env var's list rather than add to it (from_namespace).
+                parser.add_argument(
+                    flag,
+                    action="append",
+                    default=None,
+                    dest=f.name,
+                    help=f"{f.metadata.get('help', '')} [env {env}, default none]",
+                )
+                continue
             if typ is bool:
                 default = f.default if raw is None else raw.lower() in ("1", "true", "yes", "on")
             else:
@@ -228,7 +258,12 @@ class Settings:
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> Settings:
-        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+        values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("repeatable") and values[f.name] is None:
+                raw = os.environ.get(_env_name(f.name), "")
+                values[f.name] = [item.strip() for item in raw.split(",") if item.strip()]
+        return cls(**values)
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

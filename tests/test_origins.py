@@ -117,3 +117,7 @@ def test_redact() -> None:
     assert redact(line) == (
         '127.0.0.1 "GET /ws?session_id=<redacted>&x=1 HTTP/1.1" 101 "GET /v1/sessions/<redacted>/x"'
     )
+    assert (
+        redact('"GET /ws?x=1&api_key=k-1.2 HTTP/1.1"')
+        == '"GET /ws?x=1&api_key=<redacted> HTTP/1.1"'
+    )

@@ -8,6 +8,7 @@ import pytest
 
 from chatserver.protocol.sampling import RequestParams
 from chatserver.protocol.ws import (
+    AuthFrame,
     CancelFrame,
     ChatFrame,
     FrameError,
@@ -94,6 +95,20 @@ def test_errors_name_the_message_they_refuse() -> None:
         "message": err.message,
     }
     assert "top_k" in err.message
+
+
+def test_auth_frames_only_where_keys_are_taken() -> None:
+    text = json.dumps({"type": "auth", "id": "auth", "api_key": "k-123"})
+    frame = parse_client_frame(text, LIMIT, auth=True)
+    assert frame == AuthFrame(api_key="k-123", id="auth")
+    assert "k-123" not in repr(frame)
+    # A server without keys: the client is told to drop its key.
+    err = refused(text)
+    assert (err.code, err.frame_id) == ("unknown_type", "auth")
+    for bad in ({"type": "auth", "id": "auth"}, {"type": "auth", "id": "auth", "api_key": 5}):
+        with pytest.raises(FrameError) as info:
+            parse_client_frame(json.dumps(bad), LIMIT, auth=True)
+        assert (info.value.code, info.value.frame_id) == ("invalid_field", "auth")
 
 
 def test_frame_limit_counts_bytes() -> None:

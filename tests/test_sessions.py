@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,12 +13,23 @@ import pytest
 import redis.asyncio as aioredis
 
 from chatserver.sessions import SessionStore, SessionStoreUnavailable
+from chatserver.sessions.base import InvalidCursor, valid_session_id
 from chatserver.sessions.memory import MemorySessionStore
 from chatserver.sessions.redis import RedisSessionStore
 from tests.serverproc import ServerProcess
 
+OWNER = "0123456789abcdef0123456789abcdef"
+OTHER = "fedcba9876543210fedcba9876543210"
 USER = {"role": "user", "content": "hi"}
 ASSISTANT = {"role": "assistant", "content": "hello"}
+
+
+class _AnyInt:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, int)
+
+
+ANY_INT = _AnyInt()
 
 
 class Clock:
@@ -58,66 +70,128 @@ async def store(
 
 
 async def test_create_append_read_delete(store: SessionStore) -> None:
-    sid = await store.create()
-    assert await store.exists(sid)
-    assert await store.messages(sid) == []
-    assert await store.append_turn(sid, USER, ASSISTANT)
+    sid = await store.create(owner=OWNER)
+    assert await store.exists(sid, owner=OWNER)
+    assert await store.messages(sid, owner=OWNER) == []
+    assert await store.append_turn(sid, USER, ASSISTANT, owner=OWNER)
     cancelled = {"role": "assistant", "content": "hel", "cancelled": True}
-    assert await store.append_turn(sid, {"role": "user", "content": "again"}, cancelled)
-    assert await store.messages(sid) == [
+    assert await store.append_turn(
+        sid, {"role": "user", "content": "again"}, cancelled, owner=OWNER
+    )
+    assert await store.messages(sid, owner=OWNER) == [
         USER,
         ASSISTANT,
         {"role": "user", "content": "again"},
         cancelled,
     ]
-    assert await store.delete(sid)
-    assert not await store.exists(sid)
-    assert await store.messages(sid) is None
-    assert not await store.delete(sid)
+    assert await store.delete(sid, owner=OWNER)
+    assert not await store.exists(sid, owner=OWNER)
+    assert await store.messages(sid, owner=OWNER) is None
+    assert not await store.delete(sid, owner=OWNER)
 
 
 async def test_unknown_and_malformed_ids(store: SessionStore) -> None:
-    sid = await store.create()
+    sid = await store.create(owner=OWNER)
     for bad in ("nope", "", sid + ":messages", "../" + sid, "x" * 500):
-        assert not await store.exists(bad)
-        assert await store.messages(bad) is None
-        assert not await store.append_turn(bad, USER, ASSISTANT)
-        assert not await store.delete(bad)
-    assert await store.messages(sid) == []
+        assert not await store.exists(bad, owner=OWNER)
+        assert await store.messages(bad, owner=OWNER) is None
+        assert not await store.append_turn(bad, USER, ASSISTANT, owner=OWNER)
+        assert not await store.delete(bad, owner=OWNER)
+    assert await store.messages(sid, owner=OWNER) == []
 
 
 async def test_append_to_deleted_session_stores_nothing(store: SessionStore) -> None:
-    sid = await store.create()
-    await store.delete(sid)
-    assert not await store.append_turn(sid, USER, ASSISTANT)
-    assert await store.messages(sid) is None
+    sid = await store.create(owner=OWNER)
+    await store.delete(sid, owner=OWNER)
+    assert not await store.append_turn(sid, USER, ASSISTANT, owner=OWNER)
+    assert await store.messages(sid, owner=OWNER) is None
 
 
 async def test_concurrent_appends_keep_turns_whole(store: SessionStore) -> None:
-    sid = await store.create()
+    sid = await store.create(owner=OWNER)
     turns = [
         ({"role": "user", "content": f"u{i}"}, {"role": "assistant", "content": f"a{i}"})
         for i in range(20)
     ]
-    await asyncio.gather(*(store.append_turn(sid, u, a) for u, a in turns))
-    messages = await store.messages(sid)
+    await asyncio.gather(*(store.append_turn(sid, u, a, owner=OWNER) for u, a in turns))
+    messages = await store.messages(sid, owner=OWNER)
     assert messages is not None and len(messages) == 40
     for user, assistant in zip(messages[::2], messages[1::2], strict=True):
         assert user["content"][1:] == assistant["content"][1:]
 
 
+async def test_session_ids_are_128_random_bits() -> None:
+    store = MemorySessionStore(ttl=60)
+    ids = {await store.create(owner=OWNER) for _ in range(200)}
+    assert len(ids) == 200
+    for sid in ids:
+        assert valid_session_id(sid) and len(sid) == 32 and int(sid, 16) >= 0
+    # uuid4 hex fixes the version nibble (index 12) to 4; random bits do not.
+    assert len({sid[12] for sid in ids}) > 1
+
+
+async def test_another_owners_session_is_unknown(store: SessionStore) -> None:
+    sid = await store.create(owner=OWNER)
+    assert await store.append_turn(sid, USER, ASSISTANT, owner=OWNER)
+    for owner in (OTHER, ""):
+        assert not await store.exists(sid, owner=owner)
+        assert await store.messages(sid, owner=owner) is None
+        assert not await store.append_turn(sid, USER, ASSISTANT, owner=owner)
+        assert not await store.delete(sid, owner=owner)
+        assert (await store.list_sessions(owner=owner, limit=10)).sessions == []
+    assert await store.messages(sid, owner=OWNER) == [USER, ASSISTANT]
+    assert [s.session_id for s in (await store.list_sessions(owner=OWNER, limit=10)).sessions] == [
+        sid
+    ]
+
+
+async def list_all(store: SessionStore, owner: str, limit: int) -> list[str]:
+    """Every id of owner's listing, page by page."""
+    ids: list[str] = []
+    cursor = None
+    while True:
+        page = await store.list_sessions(owner=owner, limit=limit, cursor=cursor)
+        assert len(page.sessions) <= limit
+        ids += [s.session_id for s in page.sessions]
+        if page.next_cursor is None:
+            return ids
+        assert len(page.sessions) == limit
+        cursor = page.next_cursor
+
+
+async def test_listing_pages_through_own_sessions_most_recent_first(store: SessionStore) -> None:
+    mine = []
+    for _ in range(7):
+        mine.append(await store.create(owner=OWNER))
+        await store.create(owner=OTHER)
+        await asyncio.sleep(0.002)  # distinct last-use times
+    await store.messages(mine[2], owner=OWNER)  # used last: listed first
+    expected = [mine[2], *[sid for sid in reversed(mine) if sid != mine[2]]]
+    for limit in (1, 3, 7, 100):
+        assert await list_all(store, OWNER, limit) == expected
+    page = await store.list_sessions(owner=OWNER, limit=3)
+    assert page.sessions[0].created > 1_700_000_000
+    assert page.sessions[0].last_used >= page.sessions[1].last_used
+    await store.delete(mine[5], owner=OWNER)
+    rest = await store.list_sessions(owner=OWNER, limit=3, cursor=page.next_cursor)
+    assert [s.session_id for s in rest.sessions] == [mine[4], mine[3], mine[1]]
+    for bad in ("nope", "e30", "W10", "!!"):
+        with pytest.raises(InvalidCursor):
+            await store.list_sessions(owner=OWNER, limit=3, cursor=bad)
+
+
 async def test_memory_ttl_expires_and_use_refreshes() -> None:
     clock = Clock()
     store = MemorySessionStore(ttl=10, clock=clock)
-    kept, dropped = await store.create(), await store.create()
+    kept, dropped = await store.create(owner=OWNER), await store.create(owner=OWNER)
     clock.now += 8
-    assert await store.exists(kept)
+    assert await store.exists(kept, owner=OWNER)
     clock.now += 8  # 16 s after creation, 8 s after `kept` was last used
-    assert await store.messages(kept) == []
-    assert not await store.exists(dropped)
+    assert await store.messages(kept, owner=OWNER) == []
+    assert not await store.exists(dropped, owner=OWNER)
     assert len(store) == 1
     clock.now += 11
-    assert not await store.append_turn(kept, USER, ASSISTANT)
+    assert not await store.append_turn(kept, USER, ASSISTANT, owner=OWNER)
     assert len(store) == 0
 
 
@@ -126,18 +200,42 @@ async def test_redis_ttl_refreshed_on_use(
 ) -> None:
     store = RedisSessionStore(redis_url, ttl=100, prefix=redis_prefix)
     try:
-        sid = await store.create()
+        sid = await store.create(owner=OWNER)
         meta = f"{redis_prefix}session:{sid}"
-        await store.append_turn(sid, USER, ASSISTANT)
+        await store.append_turn(sid, USER, ASSISTANT, owner=OWNER)
         await redis_client.expire(meta, 5)
         await redis_client.expire(meta + ":messages", 5)
-        assert await store.messages(sid) == [USER, ASSISTANT]
+        assert await store.messages(sid, owner=OWNER) == [USER, ASSISTANT]
         assert 90 < await redis_client.ttl(meta) <= 100
         assert 90 < await redis_client.ttl(meta + ":messages") <= 100
         await redis_client.pexpire(meta, 1)
         await asyncio.sleep(0.05)
-        assert not await store.exists(sid)
-        assert await store.messages(sid) is None
+        assert not await store.exists(sid, owner=OWNER)
+        assert await store.messages(sid, owner=OWNER) is None
+    finally:
+        await store.close()
+
+
+async def test_redis_owner_index_drops_gone_sessions_and_expires(
+    redis_url: str, redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    store = RedisSessionStore(redis_url, ttl=100, prefix=redis_prefix)
+    try:
+        kept, expired = await store.create(owner=OWNER), await store.create(owner=OWNER)
+        index = f"{redis_prefix}owner:{OWNER}:sessions"
+        assert await redis_client.zcard(index) == 2
+        assert 90 < await redis_client.ttl(index) <= 100
+        assert json.loads(await redis_client.get(f"{redis_prefix}session:{kept}")) == {
+            "created": ANY_INT,
+            "owner": OWNER,
+        }
+        await redis_client.delete(f"{redis_prefix}session:{expired}")  # as if its TTL ran out
+        page = await store.list_sessions(owner=OWNER, limit=10)
+        assert [s.session_id for s in page.sessions] == [kept]
+        assert await redis_client.zrange(index, 0, -1) == [kept]
+        await redis_client.zadd(index, {"stale": 1.0})  # unused for longer than the TTL
+        await store.exists(kept, owner=OWNER)
+        assert await redis_client.zrange(index, 0, -1) == [kept]
     finally:
         await store.close()
 
@@ -146,7 +244,7 @@ async def test_redis_unreachable_is_a_clear_error() -> None:
     store = RedisSessionStore("redis://127.0.0.1:1/0", ttl=10)
     try:
         with pytest.raises(SessionStoreUnavailable):
-            await store.create()
+            await store.create(owner=OWNER)
     finally:
         await store.close()
 

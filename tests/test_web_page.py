@@ -563,12 +563,46 @@ async def test_unauthorized_asks_for_a_key_and_sends_it_first(
         assert sockets[-1] == ["auth", "chat"]
 
 
-@pytest.mark.skip(
-    reason="needs the server's --api-key option, which does not exist yet (API keys are a "
-    "later issue); the page's side of the contract is in chatserver/web/app.js"
-)
-async def test_wrong_api_key_is_refused_and_a_right_one_works() -> None:
-    raise AssertionError("unreachable")
+async def test_wrong_api_key_is_refused_and_a_right_one_works(browser: Browser) -> None:
+    """The auth contract end to end: a server started with --api-key, the page asking for it."""
+    proc = await asyncio.to_thread(
+        lambda: ServerProcess(*SERVER_FLAGS, "--api-key", "right-key").wait_ready()
+    )
+    try:
+        async with open_tab(browser) as tab:
+            page = tab.page
+            await page.goto(proc.url + "/")
+            await set_settings(page, max_tokens=8)
+            dialog = page.get_by_role("dialog", name="API key needed")
+
+            await send(page, "Hello")  # refused: the socket has sent no key
+            await expect(dialog).to_be_visible()
+            await expect(page.locator(".msg.user").last).to_contain_text("an API key is needed")
+            await page.get_by_label("API key", exact=True).fill("wrong-key")
+            await page.get_by_role("button", name="Use key").click()
+            await expect(dialog).to_be_visible()  # asked again
+            await expect(dialog).to_contain_text("not valid")
+            await page.get_by_label("API key", exact=True).fill("right-key")
+            await page.keyboard.press("Enter")
+            await expect(dialog).to_be_hidden()
+            await expect(page.locator("#conn")).to_have_attribute("data-state", "ready")
+
+            await expect(page.get_by_label("Message", exact=True)).to_have_value("Hello")
+            await page.get_by_label("Message", exact=True).press("Enter")
+            await wait_reply(page)
+            auth_frames = [f for f in tab.frames if f.get("id") == "auth"]
+            assert [f["code"] for f in auth_frames] == ["unauthorized"]  # the wrong key's
+
+            # A reload keeps the key for the tab: the socket resumes the chat after its
+            # auth frame, and the history comes over HTTP with the key.
+            await page.reload()
+            await expect(page.locator("#conn")).to_have_attribute("data-state", "ready")
+            await expect(page.locator(".msg")).to_have_count(2)
+            await expect(dialog).to_be_hidden()
+            status, _ = await get_json(f"{proc.url}/v1/models")
+            assert status == 401  # while the key-less HTTP client is refused
+    finally:
+        await asyncio.to_thread(proc.stop)
 
 
 async def test_server_restart_shows_reconnecting_then_continues(

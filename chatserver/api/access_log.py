@@ -1,9 +1,9 @@
-"""Access log lines without session ids.
+"""Access log lines without session ids or API keys.
 
 A session id is a bearer credential (whoever has it reads the conversation)
 and it travels in URLs (`/ws?session_id=…`, `/v1/sessions/{id}`), which
-aiohttp's access log writes at INFO. This filter rewrites each line before it
-is emitted.
+aiohttp's access log writes at INFO; so may an API key (`/ws?api_key=…`, for
+browsers). This filter rewrites each line before it is emitted.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import re
 REDACTED = "<redacted>"
 _PATTERNS = (
     re.compile(r"(session_id=)[^&\s\"]+"),
+    re.compile(r"(api_key=)[^&\s\"]+"),
     re.compile(r"(/v1/sessions/)[^\s?\"/]+"),
 )
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from chatserver.api.auth import principal
 from chatserver.api.state import RATE_LIMITER
 from chatserver.limits.rate import RateLimiter
 
@@ -25,8 +26,14 @@ if TYPE_CHECKING:
 
 
 def client_id(request: web.Request) -> str:
-    """The identity rate limits count against: the peer address (API keys will replace it)."""
-    return request.remote or "unknown"
+    """Who limits count against: the API key's name, or the peer address without keys.
+
+    The name, not the key: limiter keys in Redis never hold a credential.
+    """
+    caller = principal(request)
+    if caller.authenticated:
+        return f"key:{caller.name}"
+    return f"addr:{request.remote or 'unknown'}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from chatserver.api.auth import KeyRing
 from chatserver.config import Settings
 from chatserver.limits import InFlight
 from chatserver.limits.rate import RateLimiter
@@ -24,6 +25,8 @@ SESSIONS = web.AppKey("sessions", SessionStore)
 INFLIGHT = web.AppKey("inflight", InFlight)
 # Per-client requests and tokens per minute (--rate-limit, --token-rate-limit).
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+# The API keys (--api-key, --api-keys-file); `required` is False without any.
+API_KEYS = web.AppKey("api_keys", KeyRing)
 ENGINE: web.AppKey[InferenceEngine] = web.AppKey("engine")
 CHAT: web.AppKey[ChatService] = web.AppKey("chat")
 OPENAI: web.AppKey[OpenAIServing] = web.AppKey("openai")

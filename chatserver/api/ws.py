@@ -8,6 +8,11 @@ socket never has more than one generation in the engine. When the socket goes
 the running generation is cancelled, so its sequence leaves the batch.
 
 The frames themselves are built and parsed in ``chatserver.protocol.ws``.
+
+On a server with API keys, an upgrade that carried no key (``api/auth.py``)
+must send ``{"type": "auth", "api_key": ...}`` first: until then every other
+frame is refused with ``unauthorized`` (``?session_id`` waits too), and a wrong
+key, or none within AUTH_TIMEOUT_S, gets ``unauthorized`` and close code 4401.
 """
 
 from __future__ import annotations
@@ -20,15 +25,24 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from chatserver.api.auth import (
+    PRINCIPAL,
+    KeyRing,
+    Principal,
+    fingerprint,
+    principal,
+    websocket_protocols,
+)
 from chatserver.api.chat.serving import ChatService, session_not_found
 from chatserver.api.errors import to_api_error
 from chatserver.api.origins import check_websocket_origin
 from chatserver.api.ratelimit import ClientLimits, client_limits
-from chatserver.api.state import CHAT, ORIGINS, SETTINGS, WEBSOCKETS
+from chatserver.api.state import API_KEYS, CHAT, ORIGINS, SETTINGS, WEBSOCKETS
 from chatserver.config import Settings
 from chatserver.errors import ApiError, retry_after_seconds
 from chatserver.limits import FrameThrottle
 from chatserver.protocol.ws import (
+    AuthFrame,
     CancelFrame,
     ChatFrame,
     FrameError,
@@ -50,6 +64,10 @@ log = logging.getLogger(__name__)
 HARD_FRAME_FACTOR = 4
 # How long a closing socket waits for its cancelled generation to wind down.
 CLOSE_GRACE_S = 10.0
+# An unauthenticated socket gets this long to send a valid auth frame.
+AUTH_TIMEOUT_S = 5.0
+# Close code for a missing or wrong API key (4000-4999: for applications).
+CLOSE_UNAUTHORIZED = 4401
 
 
 @dataclass(slots=True)
@@ -76,11 +94,15 @@ class ChatSocket:
         chat: ChatService,
         settings: Settings,
         limits: ClientLimits,
+        caller: Principal,
+        keys: KeyRing,
     ):
         self.ws = ws
         self.chat = chat
         self.settings = settings
         self.limits = limits
+        self.caller = caller
+        self.keys = keys
         self.session_id: str | None = None
         self._pending: deque[_Job] = deque()
         self._running: _Job | None = None
@@ -125,7 +147,7 @@ class ChatSocket:
 
     async def _resume(self, session_id: str) -> None:
         try:
-            found = await self.chat.sessions.exists(session_id)
+            found = await self.chat.sessions.exists(session_id, owner=self.caller.owner)
         except Exception as exc:
             await self._send_error(exc, None)
             return
@@ -137,11 +159,15 @@ class ChatSocket:
 
     async def _on_text(self, text: str) -> None:
         try:
-            frame = parse_client_frame(text, self.settings.max_frame_bytes)
+            frame = parse_client_frame(text, self.settings.max_frame_bytes, auth=self.keys.required)
         except FrameError as err:
             await self._send(err.frame())
             return
-        if isinstance(frame, CancelFrame):
+        if isinstance(frame, AuthFrame):
+            # Already authenticated: the same key again is harmless, another one is not.
+            if self.keys.lookup(frame.api_key) != self.caller:
+                await refuse(self.ws, frame.id, "the API key is not valid for this socket")
+        elif isinstance(frame, CancelFrame):
             await self._cancel(frame.id)
         else:
             await self._enqueue(frame)
@@ -214,7 +240,10 @@ class ChatSocket:
         try:
             await self.limits.admit()
             turn = await self.chat.start_turn(
-                frame.session_id or self.session_id, frame.content, frame.params
+                frame.session_id or self.session_id,
+                frame.content,
+                frame.params,
+                owner=self.caller.owner,
             )
         except Exception as exc:
             if (
@@ -273,8 +302,62 @@ class ChatSocket:
                 log.error("websocket answer loop failed", exc_info=answers.exception())
 
 
+async def refuse(ws: web.WebSocketResponse, frame_id: str | None, message: str) -> None:
+    """The auth contract's answer to a missing or wrong key: an error frame, then 4401."""
+    if ws.closed:
+        return
+    try:
+        await ws.send_str(encode(error_frame("unauthorized", message, frame_id)))
+        await ws.close(code=CLOSE_UNAUTHORIZED, message=b"unauthorized")
+    except ConnectionError:
+        pass
+
+
+async def authenticate(
+    ws: web.WebSocketResponse, keys: KeyRing, settings: Settings
+) -> Principal | None:
+    """Wait for a valid auth frame; None when the socket was refused or went away."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + AUTH_TIMEOUT_S
+    throttle = FrameThrottle(settings.ws_rate)
+    while (remaining := deadline - loop.time()) > 0:
+        try:
+            msg = await ws.receive(timeout=remaining)
+        except TimeoutError:
+            break
+        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            return None
+        await throttle.wait()
+        frame_id = None
+        if msg.type == WSMsgType.TEXT:
+            try:
+                frame = parse_client_frame(msg.data, settings.max_frame_bytes, auth=True)
+            except FrameError as err:
+                frame_id = err.frame_id
+            else:
+                if isinstance(frame, AuthFrame):
+                    found = keys.lookup(frame.api_key)
+                    if found is None:
+                        log.info("/ws auth frame: refused API key %s", fingerprint(frame.api_key))
+                        await refuse(ws, frame.id, "the API key is not valid")
+                    return found
+                frame_id = frame.id
+        refused = error_frame(
+            "unauthorized",
+            'this server needs an API key: send {"type": "auth", "api_key": ...} first',
+            frame_id,
+        )
+        try:
+            await ws.send_str(encode(refused))
+        except ConnectionError:
+            return None
+    await refuse(ws, "auth", f"no API key was sent within {AUTH_TIMEOUT_S:g} s")
+    return None
+
+
 async def chat_ws(request: web.Request) -> web.WebSocketResponse:
     settings = request.app[SETTINGS]
+    keys = request.app[API_KEYS]
     check_websocket_origin(request, request.app[ORIGINS])
     ws = web.WebSocketResponse(
         heartbeat=settings.ws_heartbeat or None,
@@ -282,13 +365,19 @@ async def chat_ws(request: web.Request) -> web.WebSocketResponse:
         # Token frames are a few bytes: permessage-deflate would save little and
         # cost ~300 KiB of zlib state per open socket.
         compress=False,
+        protocols=websocket_protocols(request),
     )
     await ws.prepare(request)
     sockets = request.app[WEBSOCKETS]
     sockets.add(ws)
     try:
-        limits = client_limits(request)
-        await ChatSocket(ws, request.app[CHAT], settings, limits).run(
+        if keys.required and PRINCIPAL not in request:
+            found = await authenticate(ws, keys, settings)
+            if found is None:
+                return ws
+            request[PRINCIPAL] = found
+        limits = client_limits(request)  # after auth: limits count against the key
+        await ChatSocket(ws, request.app[CHAT], settings, limits, principal(request), keys).run(
             request.query.get("session_id")
         )
     finally:

@@ -9,6 +9,7 @@ Client -> server (JSON text frames)::
     {"type": "chat", "content": str, "session_id"?: str, "id"?: str,
      "params"?: {"max_tokens", "temperature", "top_p", "top_k", "stop", "seed"}}
     {"type": "cancel", "id"?: str}
+    {"type": "auth", "id"?: str, "api_key": str}   (only on a server with API keys)
 
 Server -> client::
 
@@ -53,7 +54,18 @@ class CancelFrame:
     id: str | None = None
 
 
-ClientFrame = ChatFrame | CancelFrame
+@dataclass(frozen=True, slots=True)
+class AuthFrame:
+    """The socket's API key, for clients that cannot send headers (browsers)."""
+
+    api_key: str
+    id: str | None = None
+
+    def __repr__(self) -> str:  # never the key, not even in a traceback
+        return f"AuthFrame(id={self.id!r})"
+
+
+ClientFrame = ChatFrame | CancelFrame | AuthFrame
 
 
 class FrameError(Exception):
@@ -86,11 +98,13 @@ def _optional_str(obj: dict[str, Any], name: str, frame_id: str | None) -> str |
     return value
 
 
-def parse_client_frame(text: str, max_bytes: int) -> ClientFrame:
-    """Turn one text frame into a ChatFrame or CancelFrame, or raise FrameError.
+def parse_client_frame(text: str, max_bytes: int, *, auth: bool = False) -> ClientFrame:
+    """Turn one text frame into a ChatFrame, CancelFrame or AuthFrame, or raise FrameError.
 
     ``max_bytes`` is the soft frame limit (settings.max_frame_bytes): larger
     frames are refused with ``frame_too_large`` before any JSON parsing.
+    ``auth`` says whether the server takes API keys: without keys an auth
+    frame is an ``unknown_type``, which tells a client to drop its key.
     """
     if len(text) > max_bytes or len(text.encode()) > max_bytes:
         raise FrameError("frame_too_large", f"text frames are limited to {max_bytes} bytes")
@@ -107,11 +121,17 @@ def parse_client_frame(text: str, max_bytes: int) -> ClientFrame:
     kind = obj.get("type")
     if kind == "cancel":
         return CancelFrame(frame_id)
+    if kind == "auth" and auth:
+        api_key = obj.get("api_key")
+        if not isinstance(api_key, str) or not api_key:
+            raise FrameError("invalid_field", "'api_key' must be a non-empty string", frame_id)
+        return AuthFrame(api_key, frame_id)
     if kind != "chat":
         if not isinstance(kind, str):
             raise FrameError("invalid_field", "'type' must be a string", frame_id)
+        expected = "'chat', 'cancel' or 'auth'" if auth else "'chat' or 'cancel'"
         raise FrameError(
-            "unknown_type", f"unknown frame type {kind!r}; expected 'chat' or 'cancel'", frame_id
+            "unknown_type", f"unknown frame type {kind!r}; expected {expected}", frame_id
         )
 
     content = obj.get("content")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from chatserver.errors import bad_request
 from chatserver.protocol.sampling import RequestParams, parse_request_params
-from chatserver.sessions.base import Message
+from chatserver.sessions.base import Message, SessionPage
 
 PARAM_NAMES = frozenset({"max_tokens", "temperature", "top_p", "top_k", "stop", "seed"})
 QUERY_FIELDS = PARAM_NAMES | {"message", "session_id"}
+LIST_PARAMS = frozenset({"limit", "cursor"})
+DEFAULT_LIST_LIMIT = 20
+MAX_LIST_LIMIT = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,3 +55,31 @@ def query_response(
 
 def session_response(session_id: str, messages: list[Message]) -> dict[str, Any]:
     return {"session_id": session_id, "messages": messages}
+
+
+def parse_list_query(query: Mapping[str, str]) -> tuple[int, str | None]:
+    """``limit`` and ``cursor`` of GET /v1/sessions; unknown parameters are refused."""
+    unknown = sorted(set(query) - LIST_PARAMS)
+    if unknown:
+        raise bad_request("invalid_parameter", f"unknown parameter {unknown[0]!r}", unknown[0])
+    raw = query.get("limit")
+    limit = DEFAULT_LIST_LIMIT
+    if raw is not None:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIST_LIMIT:
+            raise bad_request(
+                "invalid_parameter",
+                f"'limit' must be an integer from 1 to {MAX_LIST_LIMIT}",
+                "limit",
+            )
+        limit = int(raw)
+    return limit, query.get("cursor") or None
+
+
+def session_list_response(page: SessionPage) -> dict[str, Any]:
+    return {
+        "sessions": [
+            {"session_id": s.session_id, "created": s.created, "last_used": round(s.last_used, 3)}
+            for s in page.sessions
+        ],
+        "next_cursor": page.next_cursor,
+    }

@@ -34,6 +34,7 @@ class Turn:
     """A generation under way for one user message of one session."""
 
     session_id: str
+    owner: str  # the caller's (chatserver.api.auth.Principal.owner)
     created: bool  # the session was made for this turn
     content: str
     stream: GenerationStream
@@ -52,15 +53,17 @@ class ChatService:
         self.settings = settings
         self.inflight = inflight
 
-    async def start_turn(self, session_id: str | None, content: str, params: RequestParams) -> Turn:
-        """Build the prompt and start generating; None as session_id starts a session.
+    async def start_turn(
+        self, session_id: str | None, content: str, params: RequestParams, *, owner: str
+    ) -> Turn:
+        """Build the prompt and start generating; None as session_id starts a session of owner's.
 
-        Raises session_not_found, ServerBusy (before the prompt is built), NotReady,
-        context_length_exceeded.
+        Raises session_not_found (also for another owner's session), ServerBusy
+        (before the prompt is built), NotReady, context_length_exceeded.
         """
         history: list[Message] = []
         if session_id is not None:
-            found = await self.sessions.messages(session_id)
+            found = await self.sessions.messages(session_id, owner=owner)
             if found is None:
                 raise session_not_found(session_id)
             history = found
@@ -71,11 +74,11 @@ class ChatService:
         created = session_id is None
         if session_id is None:
             try:
-                session_id = await self.sessions.create()
+                session_id = await self.sessions.create(owner=owner)
             except BaseException:
                 stream.cancel()
                 raise
-        return Turn(session_id, created, content, stream)
+        return Turn(session_id, owner, created, content, stream)
 
     async def finish_turn(self, turn: Turn) -> None:
         """Store the finished turn (a cancelled one with its partial text; a failed one not)."""
@@ -86,5 +89,5 @@ class ChatService:
         if reason == "cancelled":
             assistant["cancelled"] = True
         user: Message = {"role": "user", "content": turn.content}
-        if not await self.sessions.append_turn(turn.session_id, user, assistant):
+        if not await self.sessions.append_turn(turn.session_id, user, assistant, owner=turn.owner):
             log.info("session %s went away before its reply was stored", turn.session_id)
