@@ -104,7 +104,12 @@ async def test_killed_worker_fails_its_streams_and_is_restarted(model_dir):
                 "max_tokens": 400,
             }
             pending = asyncio.create_task(http.post(proc.url + "/v1/chat/completions", json=body))
-            await asyncio.sleep(1.5)
+            # Kill while it decodes (a fixed sleep raced the story's end on a fast CPU).
+            while True:
+                async with http.get(proc.url + "/metrics") as resp:
+                    if "chatserver:num_requests_running 1.0" in (await resp.text()).splitlines():
+                        break
+                await asyncio.sleep(0.02)
             (pid,) = worker_pids(proc.proc.pid)
             os.kill(pid, signal.SIGKILL)
             resp = await pending
@@ -118,6 +123,10 @@ async def test_killed_worker_fails_its_streams_and_is_restarted(model_dir):
                 await asyncio.sleep(0.2)
             again = await complete(http, proc.url, "Say hello.", 8)
             assert again["usage"]["completion_tokens"] > 0
+            async with http.get(proc.url + "/metrics") as resp:
+                scrape = await resp.text()
+            assert "chatserver:worker_restarts_total 1.0" in scrape.splitlines()
+            assert 'chatserver:request_success_total{finished_reason="error"} 1.0' in scrape
             assert worker_pids(proc.proc.pid) != [pid]
     finally:
         proc.stop()

@@ -8,6 +8,8 @@ socket never has more than one generation in the engine. When the socket goes
 the running generation is cancelled, so its sequence leaves the batch.
 
 The frames themselves are built and parsed in ``chatserver.protocol.ws``.
+Every error frame goes out through ``ChatSocket._send``, which adds the
+upgrade request's id and counts refusals in requests_rejected_total.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from chatserver.api.chat.serving import ChatService, session_not_found
 from chatserver.api.errors import to_api_error
 from chatserver.api.origins import check_websocket_origin
-from chatserver.api.state import CHAT, ORIGINS, SETTINGS, WEBSOCKETS
+from chatserver.api.request_id import request_id_of
+from chatserver.api.state import CHAT, METRICS, ORIGINS, SETTINGS, WEBSOCKETS
 from chatserver.config import Settings
 from chatserver.errors import ApiError
 from chatserver.limits import FrameThrottle
+from chatserver.metrics import Metrics
 from chatserver.protocol.ws import (
     CancelFrame,
     ChatFrame,
@@ -58,21 +62,32 @@ class _Job:
     id: str
     frame: ChatFrame
     cancelled: bool = False
+    client_gone: bool = False  # cancelled because the socket closed
     stream: GenerationStream | None = None  # once generation started
 
-    def cancel(self) -> None:
+    def cancel(self, client_gone: bool = False) -> None:
         self.cancelled = True
+        self.client_gone = client_gone
         if self.stream is not None:
-            self.stream.cancel()
+            self.stream.cancel(client_gone)
 
 
 class ChatSocket:
     """The state of one /ws connection: current session, queue, running message."""
 
-    def __init__(self, ws: web.WebSocketResponse, chat: ChatService, settings: Settings):
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        chat: ChatService,
+        settings: Settings,
+        request_id: str | None = None,
+        metrics: Metrics | None = None,
+    ):
         self.ws = ws
         self.chat = chat
         self.settings = settings
+        self.request_id = request_id  # the upgrade request's, put on error frames
+        self.metrics = metrics
         self.session_id: str | None = None
         self._pending: deque[_Job] = deque()
         self._running: _Job | None = None
@@ -101,6 +116,11 @@ class ChatSocket:
             await self._close(answers)
 
     async def _send(self, frame: dict[str, Any]) -> None:
+        if frame["type"] == "error":
+            if self.request_id is not None:
+                frame["request_id"] = self.request_id
+            if self.metrics is not None:
+                self.metrics.count_rejection(frame["code"])
         if self.ws.closed:
             return
         try:
@@ -218,7 +238,7 @@ class ChatSocket:
         stream = job.stream = turn.stream
         async with stream:  # leaving it early (error, socket gone) cancels the generation
             if job.cancelled:
-                stream.cancel()
+                stream.cancel(job.client_gone)
             if turn.session_id != self.session_id:
                 self.session_id = turn.session_id
                 await self._send(session_frame(turn.session_id))
@@ -251,7 +271,7 @@ class ChatSocket:
         self._closed = True
         self._pending.clear()
         if self._running is not None:
-            self._running.cancel()
+            self._running.cancel(client_gone=True)
         self._wakeup.set()
         try:
             await asyncio.wait({answers}, timeout=CLOSE_GRACE_S)
@@ -276,7 +296,10 @@ async def chat_ws(request: web.Request) -> web.WebSocketResponse:
     sockets = request.app[WEBSOCKETS]
     sockets.add(ws)
     try:
-        await ChatSocket(ws, request.app[CHAT], settings).run(request.query.get("session_id"))
+        chat_socket = ChatSocket(
+            ws, request.app[CHAT], settings, request_id_of(request), request.app[METRICS]
+        )
+        await chat_socket.run(request.query.get("session_id"))
     finally:
         sockets.discard(ws)
     return ws

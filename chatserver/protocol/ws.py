@@ -16,7 +16,7 @@ Server -> client::
     {"type": "token", "id": str, "content": str}
     {"type": "done", "id": str, "finish_reason": "stop"|"length"|"cancelled",
      "usage": {"prompt_tokens": int, "completion_tokens": int}}
-    {"type": "error", "id"?: str, "code": str, "message": str}
+    {"type": "error", "id"?: str, "code": str, "message": str, "request_id"?: str}
 """
 
 from __future__ import annotations
