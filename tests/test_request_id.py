@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -13,7 +15,13 @@ import aiohttp
 import pytest
 import websockets
 
-from chatserver.api.request_id import choose_request_id
+from chatserver.api.request_id import (
+    TEXT_FORMAT,
+    JsonFormatter,
+    RequestIdFilter,
+    choose_request_id,
+    current_request_id,
+)
 from tests.serverproc import ServerProcess
 
 HEADER = "X-Request-Id"
@@ -40,6 +48,31 @@ def test_client_ids_are_kept_only_when_sane() -> None:
     for insane in (None, "", "A" * 65, "has space", "new\nline", "<script>", "ünï"):
         assert GENERATED.fullmatch(choose_request_id(insane))
     assert choose_request_id(None) != choose_request_id(None)
+
+
+def test_log_records_carry_the_id_of_their_request() -> None:
+    def format_in_request(request_id: str | None, formatter: logging.Formatter) -> str:
+        def run() -> str:
+            current_request_id.set(request_id)
+            record = logging.LogRecord(
+                "chatserver.x", logging.INFO, __file__, 1, "hi %s", ("a",), None
+            )
+            RequestIdFilter().filter(record)
+            return formatter.format(record)
+
+        return contextvars.Context().run(run)
+
+    text = logging.Formatter(TEXT_FORMAT)
+    assert format_in_request("r-1", text).endswith(" INFO chatserver.x [r-1]: hi a")
+    assert format_in_request(None, text).endswith(" INFO chatserver.x: hi a")
+    line = json.loads(format_in_request("r-2", JsonFormatter()))
+    assert {k: line[k] for k in ("level", "logger", "message", "request_id")} == {
+        "level": "INFO",
+        "logger": "chatserver.x",
+        "message": "hi a",
+        "request_id": "r-2",
+    }
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"])
 
 
 async def test_id_is_echoed_or_generated(
