@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from chatserver.api import access_log, health, page, ws
+from chatserver.api import access_log, health, page, request_id, ws
+from chatserver.api import metrics as metrics_api
 from chatserver.api.auth import ApiKeysError, KeyRing, auth_middleware, reload_on_sighup
 from chatserver.api.chat import api_router as chat_router
 from chatserver.api.chat.serving import ChatService
@@ -32,6 +33,7 @@ from chatserver.api.state import (
     ENGINE,
     EXECUTOR,
     INFLIGHT,
+    METRICS,
     OPENAI,
     ORIGINS,
     RATE_LIMITER,
@@ -43,6 +45,7 @@ from chatserver.config import Settings
 from chatserver.engine.engine import InferenceEngine
 from chatserver.limits import InFlight
 from chatserver.limits.rate import open_rate_limiter
+from chatserver.metrics import Metrics
 from chatserver.sessions import SessionStoreUnavailable, open_store
 
 log = logging.getLogger("chatserver")
@@ -89,7 +92,7 @@ async def _rate_limiter(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _engine(app: web.Application) -> AsyncIterator[None]:
-    engine = InferenceEngine(app[SETTINGS])
+    engine = InferenceEngine(app[SETTINGS], app[METRICS])
     try:
         await engine.start()
     except BaseException:
@@ -125,6 +128,8 @@ def build_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[
+            request_id.request_id_middleware,
+            metrics_api.http_metrics_middleware,
             cors_middleware(origins),
             auth_middleware(keys, openai_router.is_openai_request, settings.metrics_auth),
             error_middleware(openai_router.is_openai_request),
@@ -135,6 +140,7 @@ def build_app(settings: Settings) -> web.Application:
     app[ORIGINS] = origins
     app[WEBSOCKETS] = weakref.WeakSet()
     app[INFLIGHT] = InFlight()
+    app[METRICS] = Metrics()
     app.cleanup_ctx.extend(
         [reload_on_sighup(keys), _thread_pool, _session_store, _rate_limiter, _engine, _services]
     )
@@ -144,6 +150,8 @@ def build_app(settings: Settings) -> web.Application:
     chat_router.setup_routes(app)
     openai_router.setup_routes(app)
     page.setup_routes(app)
+    request_id.setup(app)
+    metrics_api.setup(app)
     return app
 
 
@@ -177,10 +185,7 @@ async def _serve(settings: Settings) -> None:
 
 def serve(settings: Settings) -> None:
     """Run the server until SIGINT or SIGTERM, on uvloop where it exists."""
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    request_id.logging_setup(settings.log_level, settings.log_format)
     access_log.install()
     try:
         if sys.platform == "win32":

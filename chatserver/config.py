@@ -20,6 +20,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 ENGINES = ("auto", "gpu", "pool", "thread", "inline")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+LOG_FORMATS = ("text", "json")
 
 
 def _env_name(name: str) -> str:
@@ -220,6 +221,14 @@ class Settings:
         default=4, metadata={"help": "threads for tokenizing, templating and detokenizing"}
     )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning, error"})
+    log_format: str = field(
+        default="text",
+        metadata={
+            "help": "server log lines as text, or json (one object a line: time, level, "
+            "logger, message, request_id)",
+            "choices": LOG_FORMATS,
+        },
+    )
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

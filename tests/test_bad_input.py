@@ -92,7 +92,7 @@ async def test_openai_bad_input_has_openai_shape(
 ) -> None:
     got, error = await post(http, server.url + "/v1/chat/completions", body)
     assert got == status
-    assert set(error["error"]) == {"message", "type", "param", "code"}
+    assert set(error["error"]) == {"message", "type", "param", "code", "request_id"}
     assert error["error"]["code"] == code
     assert error["error"]["type"] == "invalid_request_error"
 

@@ -129,6 +129,10 @@ async def test_killed_worker_fails_its_streams_and_is_restarted(model_dir):
                 await asyncio.sleep(0.2)
             again = await complete(http, proc.url, "Say hello.", 8)
             assert again["usage"]["completion_tokens"] > 0
+            async with http.get(proc.url + "/metrics") as resp:
+                scrape = await resp.text()
+            assert "chatserver:worker_restarts_total 1.0" in scrape.splitlines()
+            assert 'chatserver:request_success_total{finished_reason="error"} 1.0' in scrape
             assert worker_pids(proc.proc.pid) != [killed]
     finally:
         proc.stop()

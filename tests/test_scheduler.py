@@ -125,3 +125,20 @@ def test_unsampleable_row_fails_its_sequence_alone():
     assert sorted(q.seq_id for q in s.running) == [0, 2]
     _, (produced, _) = run_step(s)
     assert sorted(seq_id for seq_id, _ in produced) == [0, 2]
+
+
+def test_plan_names_sequences_scheduled_for_the_first_time_and_cache_use():
+    """What the worker reports for request_queue_time_seconds and kv_cache_usage_ratio."""
+    s = BatchScheduler(max_batch=2, prefill_chunk=6, max_context=100)
+    for i in range(3):
+        s.add(seq(i, prompt_len=4))
+    plan, _ = run_step(s)  # seq 0 whole, seq 1 its first 2 prompt tokens
+    assert plan.admitted == [0, 1]
+    assert s.cached_tokens == 4 + 2
+    plan, _ = run_step(s)  # seq 0 decodes, seq 1 finishes its prompt; seq 2 waits (max_batch)
+    assert plan.admitted == []
+    assert s.cached_tokens == 5 + 4
+    s.remove(s.running[0])
+    plan, _ = run_step(s)
+    assert plan.admitted == [2]
+    assert s.cached_tokens == 5 + 4

@@ -4,7 +4,9 @@ Native routes answer ``{"error": {"code", "message"}}``; the OpenAI routes
 answer OpenAI's ``{"error": {"message", "type", "param", "code"}}`` so that
 OpenAI clients raise their usual exceptions. The middleware turns ApiError,
 aiohttp's own HTTP errors (404, 405, 413) and anything unexpected (500, logged)
-into one of those bodies.
+into one of those bodies. Both shapes carry the request's id as
+``error.request_id`` (api/request_id.py), and every error answered here that
+refuses a request counts in requests_rejected_total (chatserver/metrics.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from chatserver.api.request_id import request_id_of
+from chatserver.api.state import METRICS
 from chatserver.engine.errors import GenerationFailed, NotReady, RequestTimedOut
 from chatserver.errors import ApiError, bad_request, retry_after_seconds
 from chatserver.limits.admission import ServerBusy
@@ -73,21 +77,31 @@ def openai_error_type(status: int) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
-def error_body(err: ApiError, *, openai: bool = False) -> dict[str, Any]:
+def error_body(
+    err: ApiError, *, openai: bool = False, request_id: str | None = None
+) -> dict[str, Any]:
     if not openai:
-        return err.body()
-    return {
-        "error": {
-            "message": err.message,
-            "type": openai_error_type(err.status),
-            "param": err.param,
-            "code": err.code,
+        body = err.body()
+    else:
+        body = {
+            "error": {
+                "message": err.message,
+                "type": openai_error_type(err.status),
+                "param": err.param,
+                "code": err.code,
+            }
         }
-    }
+    if request_id is not None:
+        body["error"]["request_id"] = request_id
+    return body
 
 
-def error_response(err: ApiError, *, openai: bool = False) -> web.Response:
-    response = web.json_response(error_body(err, openai=openai), status=err.status)
+def error_response(
+    err: ApiError, *, openai: bool = False, request_id: str | None = None
+) -> web.Response:
+    response = web.json_response(
+        error_body(err, openai=openai, request_id=request_id), status=err.status
+    )
     if err.retry_after is not None:
         response.headers["Retry-After"] = str(retry_after_seconds(err.retry_after))
     return response
@@ -96,6 +110,12 @@ def error_response(err: ApiError, *, openai: bool = False) -> web.Response:
 def error_middleware(is_openai: Callable[[web.Request], bool]) -> Middleware:
     """JSON errors for every route; ``is_openai`` picks the body shape per request."""
 
+    def answer(request: web.Request, err: ApiError) -> web.Response:
+        metrics = request.app.get(METRICS)
+        if metrics is not None:
+            metrics.count_rejection(err.code)
+        return error_response(err, openai=is_openai(request), request_id=request_id_of(request))
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
@@ -103,19 +123,19 @@ def error_middleware(is_openai: Callable[[web.Request], bool]) -> Middleware:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            response = error_response(to_api_error(exc, request), openai=is_openai(request))
+            response = answer(request, to_api_error(exc, request))
             if "Allow" in exc.headers:
                 response.headers["Allow"] = exc.headers["Allow"]
             return response
         except ApiError as err:
-            return error_response(err, openai=is_openai(request))
+            return answer(request, err)
         except Exception as exc:
             err = to_api_error(exc)
             if err.code == "internal_error":
                 log.exception("%s %s failed", request.method, request.path)
             else:
                 log.warning("%s %s: %s", request.method, request.path, exc)
-            return error_response(err, openai=is_openai(request))
+            return answer(request, err)
 
     return middleware
 

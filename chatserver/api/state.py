@@ -12,6 +12,7 @@ from chatserver.api.auth import KeyRing
 from chatserver.config import Settings
 from chatserver.limits import InFlight
 from chatserver.limits.rate import RateLimiter
+from chatserver.metrics import Metrics
 from chatserver.sessions import SessionStore
 
 if TYPE_CHECKING:
@@ -32,5 +33,7 @@ CHAT: web.AppKey[ChatService] = web.AppKey("chat")
 OPENAI: web.AppKey[OpenAIServing] = web.AppKey("openai")
 # Open WebSockets, closed with "going away" when the server shuts down.
 WEBSOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("websockets")
+# The app's Prometheus series (its own registry), rendered by GET /metrics.
+METRICS = web.AppKey("metrics", Metrics)
 # Web origins allowed besides the server's own (--cors-origin), parsed once.
 ORIGINS: web.AppKey[frozenset[str]] = web.AppKey("origins")

@@ -13,6 +13,9 @@ On a server with API keys, an upgrade that carried no key (``api/auth.py``)
 must send ``{"type": "auth", "api_key": ...}`` first: until then every other
 frame is refused with ``unauthorized`` (``?session_id`` waits too), and a wrong
 key, or none within AUTH_TIMEOUT_S, gets ``unauthorized`` and close code 4401.
+
+Every error frame goes out through ``ChatSocket._send``, which adds the
+upgrade request's id and counts refusals in requests_rejected_total.
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ from chatserver.api.chat.serving import ChatService, session_not_found
 from chatserver.api.errors import to_api_error
 from chatserver.api.origins import check_websocket_origin
 from chatserver.api.ratelimit import ClientLimits, client_limits
-from chatserver.api.state import API_KEYS, CHAT, ORIGINS, SETTINGS, WEBSOCKETS
+from chatserver.api.request_id import request_id_of
+from chatserver.api.state import API_KEYS, CHAT, METRICS, ORIGINS, SETTINGS, WEBSOCKETS
 from chatserver.config import Settings
 from chatserver.errors import ApiError, retry_after_seconds
 from chatserver.limits import FrameThrottle
+from chatserver.metrics import Metrics
 from chatserver.protocol.ws import (
     AuthFrame,
     CancelFrame,
@@ -77,12 +82,14 @@ class _Job:
     id: str
     frame: ChatFrame
     cancelled: bool = False
+    client_gone: bool = False  # cancelled because the socket closed
     stream: GenerationStream | None = None  # once generation started
 
-    def cancel(self) -> None:
+    def cancel(self, client_gone: bool = False) -> None:
         self.cancelled = True
+        self.client_gone = client_gone
         if self.stream is not None:
-            self.stream.cancel()
+            self.stream.cancel(client_gone)
 
 
 class ChatSocket:
@@ -96,6 +103,8 @@ class ChatSocket:
         limits: ClientLimits,
         caller: Principal,
         keys: KeyRing,
+        request_id: str | None = None,
+        metrics: Metrics | None = None,
     ):
         self.ws = ws
         self.chat = chat
@@ -103,6 +112,8 @@ class ChatSocket:
         self.limits = limits
         self.caller = caller
         self.keys = keys
+        self.request_id = request_id  # the upgrade request's, put on error frames
+        self.metrics = metrics
         self.session_id: str | None = None
         self._pending: deque[_Job] = deque()
         self._running: _Job | None = None
@@ -131,6 +142,11 @@ class ChatSocket:
             await self._close(answers)
 
     async def _send(self, frame: dict[str, Any]) -> None:
+        if frame["type"] == "error":
+            if self.request_id is not None:
+                frame["request_id"] = self.request_id
+            if self.metrics is not None:
+                self.metrics.count_rejection(frame["code"])
         if self.ws.closed:
             return
         try:
@@ -258,7 +274,7 @@ class ChatSocket:
         # Leaving it early (error, socket gone) cancels the generation; its tokens are charged.
         async with self.limits.metered(stream):
             if job.cancelled:
-                stream.cancel()
+                stream.cancel(job.client_gone)
             if turn.session_id != self.session_id:
                 self.session_id = turn.session_id
                 await self._send(session_frame(turn.session_id))
@@ -291,7 +307,7 @@ class ChatSocket:
         self._closed = True
         self._pending.clear()
         if self._running is not None:
-            self._running.cancel()
+            self._running.cancel(client_gone=True)
         self._wakeup.set()
         try:
             await asyncio.wait({answers}, timeout=CLOSE_GRACE_S)
@@ -377,9 +393,17 @@ async def chat_ws(request: web.Request) -> web.WebSocketResponse:
                 return ws
             request[PRINCIPAL] = found
         limits = client_limits(request)  # after auth: limits count against the key
-        await ChatSocket(ws, request.app[CHAT], settings, limits, principal(request), keys).run(
-            request.query.get("session_id")
+        chat_socket = ChatSocket(
+            ws,
+            request.app[CHAT],
+            settings,
+            limits,
+            principal(request),
+            keys,
+            request_id_of(request),
+            request.app[METRICS],
         )
+        await chat_socket.run(request.query.get("session_id"))
     finally:
         sockets.discard(ws)
     return ws

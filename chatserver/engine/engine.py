@@ -8,7 +8,7 @@ token ids.
 
 Public API used by the API layer:
 
-    engine = InferenceEngine(settings)
+    engine = InferenceEngine(settings, metrics)
     await engine.start()            # loads tokenizer, spawns workers; returns at once
     engine.ready -> bool            # True once every worker has loaded the model
     engine.failure -> str | None    # why a worker could not load the model, if one could not
@@ -25,6 +25,11 @@ Public API used by the API layer:
 
 Errors are domain errors (``engine/errors.py``, ``limits/admission.ServerBusy``);
 the API layer maps them to HTTP and WebSocket answers.
+
+Metrics (chatserver/metrics.py) are observed where the engine already acts:
+prompt tokens in generate(), queue time and worker step figures as each
+StepOutput arrives, time to first token, inter-token latency and generated
+tokens once per delivery, latency and finish reason in _finish.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from chatserver.engine.detokenizer import IncrementalDetokenizer, StopStringMatc
 from chatserver.engine.errors import GenerationFailed, NotReady, RequestTimedOut
 from chatserver.engine.types import Prompt
 from chatserver.limits.admission import AdmissionQueue, Ticket
+from chatserver.metrics import Metrics
 from chatserver.models.loading import ModelSource, load_tokenizer, resolve_model
 from chatserver.models.prompt import build_prompt
 from chatserver.protocol.sampling import RequestParams
@@ -88,6 +94,9 @@ class GenerationStream:
         self.finish_reason: str | None = None
         self.text = ""
         self.created = time.time()
+        self.started_at = time.monotonic()  # generate(): where latencies start
+        self.scheduled = False  # a worker step has taken it into its batch
+        self.last_token_at = 0.0  # when its latest tokens were delivered; 0: none yet
         self._engine = engine
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self.detokenizer = IncrementalDetokenizer(engine.tokenizer)
@@ -109,9 +118,13 @@ class GenerationStream:
             self.finish_reason = reason
             self._queue.put_nowait(_END)
 
-    def cancel(self) -> None:
-        """Stop generating; the stream ends with finish_reason 'cancelled'."""
-        self._engine._cancel(self)
+    def cancel(self, client_gone: bool = False) -> None:
+        """Stop generating; the stream ends with finish_reason 'cancelled'.
+
+        ``client_gone``: the client disconnected (not an explicit cancel), which
+        requests_dropped_total counts.
+        """
+        self._engine._cancel(self, client_gone)
 
     def check(self) -> None:
         """Raise the domain error of a reply that did not end as a reply should.
@@ -171,14 +184,20 @@ class GenerationStream:
     async def __aenter__(self) -> GenerationStream:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if not self.finished:
-            self.cancel()
+            # Left by a cancelled handler (aiohttp cancels it when its client
+            # disconnects) or a broken connection: the client went away.
+            gone = exc_type is not None and issubclass(
+                exc_type, asyncio.CancelledError | ConnectionError
+            )
+            self.cancel(client_gone=gone)
 
 
 class InferenceEngine:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics if metrics is not None else Metrics()
         self.tokenizer: Any = None
         self.max_token_chars = 0
         self.model_id = ""
@@ -211,6 +230,13 @@ class InferenceEngine:
         self._restarts: list[float] = []
         self.max_running = settings.max_running or settings.max_batch
         self._admission = AdmissionQueue(max(0, settings.max_queue))
+        self._scheduled = 0  # live streams some worker step has taken into its batch
+        self._kv_cache: dict[int, tuple[int, int]] = {}  # worker -> (used, allocated)
+        self.metrics.read_gauges(
+            running=lambda: self._scheduled,
+            waiting=lambda: len(self._streams) - self._scheduled,
+            kv_cache_usage=self.kv_cache_usage,
+        )
 
     # --- lifecycle ---------------------------------------------------------
     @property
@@ -244,6 +270,18 @@ class InferenceEngine:
             "max_context": self.max_context,
             "failure": self.failure,
         }
+
+    def kv_cache_usage(self) -> float:
+        """Token positions holding live sequences over those allocated, all workers together.
+
+        Workers whose runner has no fixed allocation (HFRunner) are left out.
+        """
+        used = allocated = 0
+        for worker_used, worker_allocated in self._kv_cache.values():
+            if worker_allocated:
+                used += worker_used
+                allocated += worker_allocated
+        return used / allocated if allocated else 0.0
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -430,14 +468,17 @@ class InferenceEngine:
         stream.worker_id = worker_id
         self._load[worker_id] += 1
         self._streams[seq_id] = stream
+        self.metrics.prompt_tokens.inc(stream.prompt_tokens)
         self._workers[worker_id].send(
             GenerateRequest(seq_id, prompt.ids, self.sampling_params(prompt, req))
         )
         return stream
 
-    def _cancel(self, stream: GenerationStream) -> None:
+    def _cancel(self, stream: GenerationStream, client_gone: bool = False) -> None:
         if stream.finished:
             return
+        if client_gone:
+            self.metrics.requests_dropped.inc()
         worker = self._workers.get(stream.worker_id)
         if worker is not None:
             worker.send(CancelRequest(stream.seq_id))
@@ -456,6 +497,10 @@ class InferenceEngine:
     def _finish(self, stream: GenerationStream, reason: str) -> None:
         if self._streams.pop(stream.seq_id, None) is not None:
             self._load[stream.worker_id] -= 1
+            if stream.scheduled:
+                self._scheduled -= 1
+            self.metrics.e2e_request_latency.observe(time.monotonic() - stream.started_at)
+            self.metrics.request_success.labels(reason).inc()
         if stream.deadline is not None:
             stream.deadline.cancel()
         stream.ticket.release(completed=reason in ("stop", "length"))
@@ -464,6 +509,7 @@ class InferenceEngine:
     # --- worker output -----------------------------------------------------------
     def _on_message(self, msg: WorkerToServer) -> None:
         if isinstance(msg, StepOutput):
+            self._observe_step(msg)
             self._outputs[msg.worker_id].put_nowait(msg)
         elif isinstance(msg, WorkerReady):
             log.info(
@@ -491,8 +537,26 @@ class InferenceEngine:
             if msg.fatal:
                 self.fatal.set()
 
+    def _observe_step(self, out: StepOutput) -> None:
+        """A worker step's own figures, and the end of the queue time of what it scheduled."""
+        metrics = self.metrics
+        self._kv_cache[out.worker_id] = (out.kv_used, out.kv_allocated)
+        if not out.batch_size:
+            return
+        metrics.worker_step.observe(out.step_seconds)
+        metrics.batch_size.observe(out.batch_size)
+        # The step began step_seconds before its output arrived (less the pipe's delay).
+        step_began = time.monotonic() - out.step_seconds
+        for seq_id in out.started:
+            stream = self._streams.get(seq_id)
+            if stream is not None and not stream.scheduled:
+                stream.scheduled = True
+                self._scheduled += 1
+                metrics.request_queue_time.observe(max(0.0, step_began - stream.started_at))
+
     def _on_exit(self, worker_id: int) -> None:
         self._ready.discard(worker_id)
+        self._kv_cache.pop(worker_id, None)
         if self._stopping:
             return
         log.error("worker %d exited; failing its streams and restarting it", worker_id)
@@ -507,6 +571,7 @@ class InferenceEngine:
             old = self._workers[worker_id]
             host = type(old)(worker_id, old.config)
             self._workers[worker_id] = host
+            self.metrics.worker_restarts.inc()
             host.start(self._loop, self._on_message, self._on_exit)
 
     async def _pump(self, worker_id: int) -> None:
@@ -543,6 +608,9 @@ class InferenceEngine:
         return events
 
     def _deliver(self, events: list[tuple]) -> None:
+        metrics = self.metrics
+        now = time.monotonic()
+        generated = 0
         for event in events:
             stream = event[1]
             if stream.finished:
@@ -550,6 +618,12 @@ class InferenceEngine:
             if event[0] == "tokens":
                 _, _, text, count, stopped = event
                 stream.completion_tokens += count
+                generated += count
+                if stream.last_token_at:
+                    metrics.inter_token_latency.observe((now - stream.last_token_at) / count)
+                else:
+                    metrics.time_to_first_token.observe(now - stream.started_at)
+                stream.last_token_at = now
                 stream._push(text)
                 if stopped:
                     self._workers[stream.worker_id].send(CancelRequest(stream.seq_id))
@@ -558,3 +632,5 @@ class InferenceEngine:
                 _, _, text, reason = event
                 stream._push(text)
                 self._finish(stream, reason)
+        if generated:
+            metrics.generation_tokens.inc(generated)

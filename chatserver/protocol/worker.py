@@ -81,11 +81,31 @@ class StepOutput:
     (seq_id, finish_reason) for sequences that left the batch this step:
     "stop" (a stop token), "length" (max_tokens or context), "cancelled",
     or "error".
+
+    The rest is what the server's metrics need from the worker (chatserver/metrics.py),
+    carried here so no worker writes metrics of its own:
+    ``started``: seq_ids scheduled for the first time this step (their queue
+    time ends when it began); ``batch_size``: sequences in the step (0 when no
+    forward pass ran, only finishes are reported); ``step_seconds``: the
+    step's forward pass and sampling; ``kv_used`` / ``kv_allocated``: token
+    positions of the worker's KV cache holding live sequences after the step,
+    and positions allocated (0 allocated: the runner's cache grows per
+    sequence and has no fixed allocation to compare with).
     """
 
     worker_id: int
     tokens: list[tuple[int, int]] = field(default_factory=list)
     finished: list[tuple[int, str]] = field(default_factory=list)
+    started: list[int] = field(default_factory=list)
+    batch_size: int = 0
+    step_seconds: float = 0.0
+    kv_used: int = 0
+    kv_allocated: int = 0
+
+    @property
+    def empty(self) -> bool:
+        """Nothing worth sending: no tokens, no finishes, no step ran."""
+        return not (self.tokens or self.finished or self.batch_size)
 
 
 @dataclass(frozen=True, slots=True)

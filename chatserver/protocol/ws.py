@@ -17,7 +17,8 @@ Server -> client::
     {"type": "token", "id": str, "content": str}
     {"type": "done", "id": str, "finish_reason": "stop"|"length"|"cancelled",
      "usage": {"prompt_tokens": int, "completion_tokens": int}}
-    {"type": "error", "id"?: str, "code": str, "message": str, "retry_after"?: int}
+    {"type": "error", "id"?: str, "code": str, "message": str, "retry_after"?: int,
+     "request_id"?: str}
 
 ``retry_after`` (whole seconds) comes with codes a client should retry later:
 ``server_busy`` and ``rate_limited``.

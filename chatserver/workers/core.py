@@ -79,9 +79,13 @@ class WorkerCore:
         self.pending_finished = []
         for move in self.scheduler.take_moves():
             self.runner.move_slot(move.src, move.dst, move.length)
+        self._report_cache(out)
         plan = self.scheduler.schedule()
         if plan.empty:
             return out
+        out.started = plan.admitted
+        out.batch_size = len(plan.items)
+        began = time.perf_counter()
         try:
             logits = self.runner.forward(plan.items, plan.active_slots)
             wanting = [
@@ -99,13 +103,21 @@ class WorkerCore:
                     self.scheduler.remove(seq)
                 self._forget(seq.seq_id)
                 out.finished.append((seq.seq_id, "error"))
+            out.step_seconds = time.perf_counter() - began
+            self._report_cache(out)
             return out
+        out.step_seconds = time.perf_counter() - began
         produced, finished = self.scheduler.complete(plan, sampled)
         for seq_id, _ in finished:
             self._forget(seq_id)
         out.tokens = produced
         out.finished.extend(finished)
+        self._report_cache(out)
         return out
+
+    def _report_cache(self, out: StepOutput) -> None:
+        out.kv_used = self.scheduler.cached_tokens
+        out.kv_allocated = self.runner.kv_allocated()
 
 
 def resolve_device(device: str) -> str:

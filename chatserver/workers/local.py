@@ -54,7 +54,7 @@ class ThreadWorker:
                     if not core.apply(self._inbox.get()):
                         return
                 out = core.step()
-                if out.tokens or out.finished:
+                if not out.empty:
                     loop.call_soon_threadsafe(on_message, out)
 
         self._thread = threading.Thread(target=run, name="thread-worker", daemon=True)
@@ -96,7 +96,7 @@ class InlineWorker:
                 self._wake.clear()
                 while core.has_work:
                     out = core.step()  # blocking, on the loop
-                    if out.tokens or out.finished:
+                    if not out.empty:
                         on_message(out)
                     await asyncio.sleep(0)
 

@@ -60,7 +60,7 @@ def worker_main(worker_id: int, config: WorkerConfig, conn: Connection, log_leve
                 if not core.apply(conn.recv()):
                     return
             out = core.step()
-            if out.tokens or out.finished:
+            if not out.empty:
                 conn.send(out)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return  # the server went away

@@ -53,6 +53,7 @@ class StepPlan:
     items: list[StepItem]
     sequences: list[Sequence]  # parallel to items
     active_slots: int
+    admitted: list[int] = field(default_factory=list)  # seq_ids scheduled for the first time
 
     @property
     def empty(self) -> bool:
@@ -78,6 +79,11 @@ class BatchScheduler:
     @property
     def load(self) -> int:
         return len(self.waiting) + len(self.running)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Token positions whose keys/values the running sequences keep in the cache."""
+        return sum(seq.computed for seq in self.running)
 
     def find(self, seq_id: int) -> Sequence | None:
         for seq in self.running:
@@ -107,6 +113,7 @@ class BatchScheduler:
     def schedule(self) -> StepPlan:
         items: list[StepItem] = []
         seqs: list[Sequence] = []
+        admitted: list[int] = []
         budget = self.prefill_chunk
         for seq in self.running:
             if not seq.prefilling:
@@ -121,8 +128,9 @@ class BatchScheduler:
             seq = self.waiting.popleft()
             seq.slot = len(self.running)
             self.running.append(seq)
+            admitted.append(seq.seq_id)
             budget -= self._prefill_item(seq, budget, items, seqs)
-        return StepPlan(items, seqs, len(self.running))
+        return StepPlan(items, seqs, len(self.running), admitted)
 
     def _prefill_item(
         self, seq: Sequence, budget: int, items: list[StepItem], seqs: list[Sequence]

@@ -10,6 +10,7 @@ from aiohttp import web
 from chatserver.api.errors import error_body, read_json_object, to_api_error
 from chatserver.api.openai.protocol import SSE_DONE, parse_chat_completion, sse_event
 from chatserver.api.ratelimit import client_limits
+from chatserver.api.request_id import request_id_of
 from chatserver.api.state import OPENAI
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 err = to_api_error(exc)
                 if err.code == "internal_error":
                     log.error("chat completion stream failed", exc_info=exc)
-                await response.write(sse_event(error_body(err, openai=True)))
+                body = error_body(err, openai=True, request_id=request_id_of(request))
+                await response.write(sse_event(body))
             await response.write(SSE_DONE)
             await response.write_eof()
         except ConnectionError:
-            pass  # the client went away; leaving the stream cancels the generation
+            stream.cancel(client_gone=True)  # the client went away
         return response
 
 
