@@ -182,9 +182,11 @@ async def test_stream_hands_a_lagging_reader_all_queued_text_at_once(model_dir: 
     from types import SimpleNamespace
 
     from chatserver.engine.engine import GenerationStream
+    from chatserver.limits.admission import AdmissionQueue
 
     engine = SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(model_dir))
-    stream = GenerationStream(engine, 1, SimpleNamespace(ids=[1, 2, 3]), ())
+    ticket = AdmissionQueue(max_queue=0).admit(running_slots=1)
+    stream = GenerationStream(engine, 1, SimpleNamespace(ids=[1, 2, 3]), (), ticket)
     for piece in ("The", " capital", " is"):
         stream._push(piece)
     assert await anext(stream) == "The capital is"

@@ -350,7 +350,7 @@ async def test_request_limit_holds_across_servers(
         assert status == 200, body
     # --redis-prefix holds for sessions too, so this module's keys are all under PREFIX.
     assert await redis_client.exists(f"{PREFIX}session:{body['session_id']}")
-    key = f"{PREFIX}ratelimit:127.0.0.1"
+    key = f"{PREFIX}ratelimit:addr:127.0.0.1"
     assert 0 < await redis_client.pttl(key) <= 61_000
     for server in (b, a):
         status, body, headers = await query(http, server)
@@ -394,5 +394,5 @@ async def test_a_cancelled_reply_is_charged_what_it_generated(
     assert frame["finish_reason"] == "cancelled"
     generated = frame["usage"]["completion_tokens"]
     assert 3 <= generated < 200
-    left = float(await redis_client.hget(f"{PREFIX}ratelimit:127.0.0.1", "tok"))
+    left = float(await redis_client.hget(f"{PREFIX}ratelimit:addr:127.0.0.1", "tok"))
     assert left == pytest.approx(TOKEN_RATE - generated)

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from chatserver.api.auth import KeyRing
 from chatserver.config import Settings
 from chatserver.limits import InFlight
 from chatserver.limits.rate import RateLimiter
@@ -16,6 +15,7 @@ from chatserver.metrics import Metrics
 from chatserver.sessions import SessionStore
 
 if TYPE_CHECKING:
+    from chatserver.api.auth import KeyRing
     from chatserver.api.chat.serving import ChatService
     from chatserver.api.openai.serving import OpenAIServing
     from chatserver.engine.engine import InferenceEngine
@@ -27,7 +27,7 @@ INFLIGHT = web.AppKey("inflight", InFlight)
 # Per-client requests and tokens per minute (--rate-limit, --token-rate-limit).
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 # The API keys (--api-key, --api-keys-file); `required` is False without any.
-API_KEYS = web.AppKey("api_keys", KeyRing)
+API_KEYS: web.AppKey[KeyRing] = web.AppKey("api_keys")
 ENGINE: web.AppKey[InferenceEngine] = web.AppKey("engine")
 CHAT: web.AppKey[ChatService] = web.AppKey("chat")
 OPENAI: web.AppKey[OpenAIServing] = web.AppKey("openai")

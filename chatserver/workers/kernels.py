@@ -18,8 +18,13 @@ it): perplexity of the 335-token quality_text.txt in one prefill (LlamaRunner.sc
 17.07 -> 16.50 (fp32 15.96), AMD EPYC, torch capability AVX2, no VNNI, measured
 while building issue 8 by swapping this kernel in; two cheap elementwise ops, yet not free: on the AVX-512+VNNI EPYC they cost
 16-stream decoding 14% (`python -m load_tests.precision`, 317 tok/s with them
-against 367 for the code before, same session) for no gain in quality there
-(prefill perplexity 16.62 with, 16.54 without), so only int8-avx2 scales rows.
+against 349 without, same session) for no gain in one prompt's quality there
+(prefill perplexity 16.62 with, 16.54 without). Where they matter is a step
+holding many prompts' tokens: a prompt's logits moved up to 0.49 (relative)
+between alone and batched with 15 others without them, against a 0.10
+precision error (tests/test_runner.py, batch effect). So int8-vnni scales the
+rows of steps larger than a decode batch (> 64 rows: prefill), int8-avx2 of
+every step of more than one row.
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ class Int8Kernels:
 
     name: str  # reported in /readyz: "int8-vnni", "int8-avx2"
     weight_max: int  # 127 (VNNI) or 63 (AVX2: no int16 saturation)
-    # Scale each activation row to |x| <= 1 around the GEMM (see the module doc).
-    scale_rows: bool
+    # Scale each activation row to |x| <= 1 around the GEMM (see the module doc) in
+    # steps of more rows than this.
+    scale_rows_above: int
     # down_proj: weight-only int8 (float activations) up to this many rows,
     # then a float GEMM in `down_wide_dtype` (bf16 is fast only natively).
     down_int8_max_rows: int
@@ -48,7 +54,7 @@ class Int8Linear:
     """A linear weight quantized per output channel, activations quantized per call (fbgemm)."""
 
     def __init__(
-        self, weight: torch.Tensor, weight_max: int = 127, scale_rows: bool = True
+        self, weight: torch.Tensor, weight_max: int = 127, scale_rows_above: int = 1
     ) -> None:
         w = weight.detach().float()
         scales = (w.abs().amax(dim=1) / weight_max).clamp(min=1e-8).double()
@@ -56,10 +62,11 @@ class Int8Linear:
         qweight = torch.quantize_per_channel(w, scales, zero_points, 0, torch.qint8)
         self.packed = torch.ops.quantized.linear_prepack(qweight, None)
         self.shape = weight.shape
-        self.scale_rows = scale_rows
+        self.scale_rows_above = scale_rows_above
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 or not self.scale_rows:  # one row: per-tensor is already per-row
+        # One row: per-tensor is already per-row.
+        if x.shape[0] <= max(1, self.scale_rows_above):
             return torch.ops.quantized.linear_dynamic(x, self.packed, False)
         scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-6)
         return torch.ops.quantized.linear_dynamic(x / scale, self.packed, False) * scale

@@ -61,12 +61,12 @@ def int8_kernels(cpu: CpuFeatures, choice: str = "auto") -> Int8Kernels:
         return Int8Kernels(
             "int8-vnni",
             weight_max=127,
-            scale_rows=False,
+            scale_rows_above=64,
             down_int8_max_rows=4,
             down_wide_dtype=wide,
         )
     return Int8Kernels(
-        "int8-avx2", weight_max=63, scale_rows=True, down_int8_max_rows=8, down_wide_dtype=wide
+        "int8-avx2", weight_max=63, scale_rows_above=1, down_int8_max_rows=8, down_wide_dtype=wide
     )
 
 

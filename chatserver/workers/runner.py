@@ -127,7 +127,7 @@ class LlamaRunner:
         self.intermediate = self.layers[0][5].shape[0] // 2
         self.int8 = int8
         if int8 is not None:
-            wmax, rows = int8.weight_max, int8.scale_rows
+            wmax, rows = int8.weight_max, int8.scale_rows_above
             self.lm_head = Int8Linear(self.lm_head, wmax, rows)
             self.layers = [
                 (
