@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make sure a Redis server answers; print `export CHATSERVER_TEST_REDIS_URL=...`.
-# Uses the one on the given port if it answers, else installs redis-server from
-# Debian's packages when absent and starts a private one on a free port.
+# Installs redis-server from Debian's packages when absent; uses the server on
+# the given port if it answers, else starts a private one on a free port.
 set -euo pipefail
 port="${1:-6379}"
 
@@ -18,13 +18,14 @@ sys.exit(0 if ok else 1)
 PY
 }
 
-if answers "$port"; then
-  echo "export CHATSERVER_TEST_REDIS_URL=redis://127.0.0.1:$port/15"
-  exit 0
-fi
+# The binary is needed even when a server answers: a test stalls a private one.
 if ! command -v redis-server >/dev/null; then
   echo "installing redis-server" >&2
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >&2
+fi
+if answers "$port"; then
+  echo "export CHATSERVER_TEST_REDIS_URL=redis://127.0.0.1:$port/15"
+  exit 0
 fi
 free_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 dir="$(pwd)/.redis-test"

@@ -151,6 +151,13 @@ class Settings:
             "deployments can share one Redis"
         },
     )
+    redis_timeout: float = field(
+        default=2.0,
+        metadata={
+            "help": "seconds a Redis command (or connection) may take before the session "
+            "store counts as unavailable: a stalled Redis fails requests, never hangs them"
+        },
+    )
     session_ttl: int = field(
         default=86400, metadata={"help": "seconds a session lives after its last use"}
     )

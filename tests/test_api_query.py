@@ -47,7 +47,8 @@ async def test_query_creates_session_and_replies(
 ) -> None:
     status, body = await query(http, server, message="Say hello.", max_tokens=8)
     assert status == 200
-    assert set(body) == {"session_id", "reply", "finish_reason", "usage"}
+    assert set(body) == {"session_id", "reply", "finish_reason", "usage", "stored"}
+    assert body["stored"] is True
     assert body["reply"] and body["finish_reason"] in ("stop", "length")
     assert body["usage"]["prompt_tokens"] > 5
     assert 0 < body["usage"]["completion_tokens"] <= 8

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from chatserver.sessions import SessionStore, SessionStoreUnavailable
 from chatserver.sessions.base import InvalidCursor, valid_session_id
@@ -327,3 +328,100 @@ def test_unreachable_redis_fails_at_startup() -> None:
         assert "check --redis-url" in proc.log()
     finally:
         proc.stop()
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, which it can stall (SIGSTOP) and resume."""
+
+    def __init__(self, tmp_path: Any) -> None:
+        import shutil
+        import socket
+        import subprocess
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed (.ci/ensure-redis.sh installs it)")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", ""]
+            + ["--appendonly", "no", "--dir", str(tmp_path)],
+            stdout=subprocess.DEVNULL,
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    async def wait(self) -> None:
+        client = aioredis.Redis.from_url(self.url)
+        try:
+            for _ in range(100):
+                try:
+                    if await client.ping():
+                        return
+                except (OSError, RedisError):
+                    await asyncio.sleep(0.05)
+        finally:
+            await client.aclose()
+        raise AssertionError("private redis-server did not start")
+
+    def stall(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.resume()
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+async def test_a_stalled_redis_fails_fast_and_a_delivered_reply_says_unstored(tmp_path) -> None:
+    redis_server = PrivateRedis(tmp_path)
+    try:
+        await redis_server.wait()
+        proc = ServerProcess(
+            "--redis-url", redis_server.url, "--redis-timeout", "0.5", "--log-level", "warning"
+        ).wait_ready()
+        try:
+            async with aiohttp.ClientSession() as http:
+
+                async def query(body: dict) -> tuple[int, dict, float]:
+                    started = asyncio.get_running_loop().time()
+                    async with http.post(proc.url + "/v1/query", json=body) as resp:
+                        elapsed = asyncio.get_running_loop().time() - started
+                        return resp.status, await resp.json(), elapsed
+
+                status, first, _ = await query({"message": "Hi", "max_tokens": 4})
+                assert status == 200 and first["stored"] is True
+                session = first["session_id"]
+                # Redis stalls while a reply is being generated: the reply still
+                # arrives, saying it was not stored.
+                reply = asyncio.create_task(
+                    query({"message": "Tell me a story.", "session_id": session, "max_tokens": 48})
+                )
+                await asyncio.sleep(0.3)  # its history is read; it is generating
+                redis_server.stall()
+                status, body, _ = await reply
+                assert status == 200, body
+                assert body["reply"] and body["stored"] is False
+                # While stalled, a turn needing the history fails fast and clearly.
+                status, body, elapsed = await query({"message": "Hi", "session_id": session})
+                assert status == 503 and body["error"]["code"] == "session_store_unavailable"
+                assert elapsed < 5, elapsed
+                async with http.get(proc.url + "/healthz") as resp:
+                    assert resp.status == 200
+                redis_server.resume()
+                status, body, _ = await query({"message": "Hi", "session_id": session})
+                assert status == 200 and body["stored"] is True
+                async with http.get(f"{proc.url}/v1/sessions/{session}") as resp:
+                    turns = [m["content"] for m in (await resp.json())["messages"]]
+                assert turns[:2] == ["Hi", first["reply"]] and len(turns) == 4  # not the story
+        finally:
+            proc.stop()
+    finally:
+        redis_server.stop()

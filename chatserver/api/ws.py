@@ -254,13 +254,23 @@ class ChatSocket:
     async def _answer(self, job: _Job) -> None:
         frame = job.frame
         try:
-            await self.limits.admit()
-            turn = await self.chat.start_turn(
+            # The turn is ChatService's: leaving the block early cancels it.
+            async with self.chat.turn(
                 frame.session_id or self.session_id,
                 frame.content,
                 frame.params,
                 owner=self.caller.owner,
-            )
+                limits=self.limits,
+            ) as turn:
+                stream = job.stream = turn.stream
+                if job.cancelled:
+                    stream.cancel(job.client_gone)
+                if turn.session_id != self.session_id:
+                    self.session_id = turn.session_id
+                    await self._send(session_frame(turn.session_id))
+                async for delta in stream:
+                    if delta:
+                        await self._send(token_frame(job.id, delta))
         except Exception as exc:
             if (
                 isinstance(exc, ApiError)
@@ -270,37 +280,15 @@ class ChatSocket:
                 self.session_id = None  # expired or deleted: the next message starts a new one
             await self._send_error(exc, job.id)
             return
-        stream = job.stream = turn.stream
-        # Leaving it early (error, socket gone) cancels the generation; its tokens are charged.
-        async with self.limits.metered(stream):
-            if job.cancelled:
-                stream.cancel(job.client_gone)
-            if turn.session_id != self.session_id:
-                self.session_id = turn.session_id
-                await self._send(session_frame(turn.session_id))
-            try:
-                async for delta in stream:
-                    if delta:
-                        await self._send(token_frame(job.id, delta))
-            except Exception as exc:
-                await self._send_error(exc, job.id)
-                return
-        try:
-            stream.check()
-        except Exception as exc:
-            await self._send_error(exc, job.id)
-            return
-        store_error: Exception | None = None
-        try:
-            await self.chat.finish_turn(turn)
-        except Exception as exc:
-            store_error = exc
         await self._send(
-            done_frame(job.id, stream.finish_reason, stream.prompt_tokens, stream.completion_tokens)
+            done_frame(
+                job.id,
+                stream.finish_reason,
+                stream.prompt_tokens,
+                stream.completion_tokens,
+                turn.stored,
+            )
         )
-        if store_error is not None:
-            # The reply was delivered; say that it could not be kept.
-            await self._send_error(store_error, job.id)
 
     async def _close(self, answers: asyncio.Task[None]) -> None:
         """Drop queued messages, cancel the running one, let the answer loop end."""

@@ -16,7 +16,7 @@ Server -> client::
     {"type": "session", "session_id": str}
     {"type": "token", "id": str, "content": str}
     {"type": "done", "id": str, "finish_reason": "stop"|"length"|"cancelled",
-     "usage": {"prompt_tokens": int, "completion_tokens": int}}
+     "usage": {"prompt_tokens": int, "completion_tokens": int}, "stored"?: bool}
     {"type": "error", "id"?: str, "code": str, "message": str, "retry_after"?: int,
      "request_id"?: str}
 
@@ -165,14 +165,21 @@ def token_frame(message_id: str, content: str) -> dict[str, Any]:
 
 
 def done_frame(
-    message_id: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+    message_id: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    stored: bool | None = None,
 ) -> dict[str, Any]:
-    return {
+    frame: dict[str, Any] = {
         "type": "done",
         "id": message_id,
         "finish_reason": finish_reason,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
     }
+    if stored is not None:
+        frame["stored"] = stored
+    return frame
 
 
 def error_frame(

@@ -12,7 +12,10 @@ def open_store(settings: Settings) -> SessionStore:
         from chatserver.sessions.redis import RedisSessionStore
 
         return RedisSessionStore(
-            settings.redis_url, ttl=settings.session_ttl, prefix=settings.redis_prefix
+            settings.redis_url,
+            ttl=settings.session_ttl,
+            prefix=settings.redis_prefix,
+            timeout=settings.redis_timeout,
         )
     from chatserver.sessions.memory import MemorySessionStore
 

@@ -68,10 +68,19 @@ async def _unavailable_on_error() -> AsyncIterator[None]:
 
 
 class RedisSessionStore(SessionStore):
-    def __init__(self, url: str, ttl: float, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(
+        self, url: str, ttl: float, prefix: str = DEFAULT_PREFIX, timeout: float | None = None
+    ) -> None:
         super().__init__(ttl)
         self.prefix = prefix
-        self._redis = aioredis.Redis.from_url(url, decode_responses=True)
+        # With a timeout a stalled Redis raises (SessionStoreUnavailable) instead
+        # of holding every request that touches a session.
+        self._redis = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
 
     @property
     def _ttl_s(self) -> int:

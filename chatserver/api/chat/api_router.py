@@ -25,17 +25,15 @@ async def query(request: web.Request) -> web.Response:
     """Answer one message in a session; a client that disconnects cancels its reply."""
     chat = request.app[CHAT]
     body = parse_query(await read_json_object(request))
-    limits = client_limits(request)
-    await limits.admit()
-    turn = await chat.start_turn(
-        body.session_id, body.message, body.params, owner=principal(request).owner
-    )
+    async with chat.turn(
+        body.session_id,
+        body.message,
+        body.params,
+        owner=principal(request).owner,
+        limits=client_limits(request),
+    ) as turn:
+        await turn.stream.collect()
     stream = turn.stream
-    async with limits.metered(stream):
-        async for _ in stream:
-            pass
-    stream.check()
-    await chat.finish_turn(turn)
     return web.json_response(
         query_response(
             turn.session_id,
@@ -43,6 +41,7 @@ async def query(request: web.Request) -> web.Response:
             stream.finish_reason,
             stream.prompt_tokens,
             stream.completion_tokens,
+            bool(turn.stored),
         )
     )
 

@@ -43,13 +43,19 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def query_response(
-    session_id: str, reply: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
+    session_id: str,
+    reply: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    stored: bool,
 ) -> dict[str, Any]:
     return {
         "session_id": session_id,
         "reply": reply,
         "finish_reason": finish_reason,
         "usage": usage(prompt_tokens, completion_tokens),
+        "stored": stored,
     }
 
 

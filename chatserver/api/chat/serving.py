@@ -4,11 +4,17 @@ The prompt is the configured system prompt, the session's history and the new
 user message, truncated by the engine (oldest turns first) to fit the
 context. The turn is written to history only once its reply is over; see
 ``chatserver.sessions.base`` for what a cancelled or failed reply leaves.
+
+``ChatService.turn`` owns a turn from start to end (rate limits, admission,
+prompt, the generation, charging its tokens, storing it), so the transports,
+/ws and /v1/query, only turn its text into frames or a response body.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,10 +22,11 @@ from chatserver.config import Settings
 from chatserver.errors import ApiError
 from chatserver.limits import InFlight
 from chatserver.protocol.sampling import RequestParams
-from chatserver.sessions import SessionStore
+from chatserver.sessions import SessionStore, SessionStoreUnavailable
 from chatserver.sessions.base import Message
 
 if TYPE_CHECKING:
+    from chatserver.api.ratelimit import ClientLimits
     from chatserver.engine.engine import GenerationStream, InferenceEngine
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,9 @@ class Turn:
     created: bool  # the session was made for this turn
     content: str
     stream: GenerationStream
+    # Once the turn is over: whether it is in the session's history (False when
+    # the session went away or the store could not be reached).
+    stored: bool | None = None
 
 
 class ChatService:
@@ -52,6 +62,33 @@ class ChatService:
         self.sessions = sessions
         self.settings = settings
         self.inflight = inflight
+
+    @asynccontextmanager
+    async def turn(
+        self,
+        session_id: str | None,
+        content: str,
+        params: RequestParams,
+        *,
+        owner: str,
+        limits: ClientLimits,
+    ) -> AsyncIterator[Turn]:
+        """One turn, start to end; the caller only reads ``turn.stream``'s text.
+
+        Entering: the client's rate limits (before any session or prompt work),
+        then start_turn. Leaving early (an error, the client gone) cancels the
+        generation; its tokens are charged either way. Leaving normally: a
+        reply that failed raises its error (GenerationFailed, RequestTimedOut)
+        and is not stored; a reply (a cancelled one with its partial text) is
+        stored, and ``turn.stored`` says whether that worked: a store that
+        cannot be reached does not take a delivered reply away from its client.
+        """
+        await limits.admit()
+        turn = await self.start_turn(session_id, content, params, owner=owner)
+        async with limits.metered(turn.stream):
+            yield turn
+        turn.stream.check()
+        turn.stored = await self.finish_turn(turn)
 
     async def start_turn(
         self, session_id: str | None, content: str, params: RequestParams, *, owner: str
@@ -80,14 +117,25 @@ class ChatService:
                 raise
         return Turn(session_id, owner, created, content, stream)
 
-    async def finish_turn(self, turn: Turn) -> None:
-        """Store the finished turn (a cancelled one with its partial text; a failed one not)."""
+    async def finish_turn(self, turn: Turn) -> bool:
+        """Store the finished turn (a cancelled one with its partial text; a failed one not).
+
+        True once stored; False when it was not (failed, session gone, store down).
+        """
         reason = turn.stream.finish_reason
         if reason not in ("stop", "length", "cancelled"):
-            return
+            return False
         assistant: Message = {"role": "assistant", "content": turn.stream.text}
         if reason == "cancelled":
             assistant["cancelled"] = True
         user: Message = {"role": "user", "content": turn.content}
-        if not await self.sessions.append_turn(turn.session_id, user, assistant, owner=turn.owner):
+        try:
+            stored = await self.sessions.append_turn(
+                turn.session_id, user, assistant, owner=turn.owner
+            )
+        except SessionStoreUnavailable as exc:
+            log.warning("session %s: reply delivered but not stored: %s", turn.session_id, exc)
+            return False
+        if not stored:
             log.info("session %s went away before its reply was stored", turn.session_id)
+        return stored

@@ -34,11 +34,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     """One completion, as JSON or as SSE chunks; a client that goes away cancels it."""
     serving = request.app[OPENAI]
     body = parse_chat_completion(await read_json_object(request))
-    limits = client_limits(request)
-    await limits.admit()
-    stream = await serving.start(body)
-    # Leaving it early (error, disconnect) cancels the generation; its tokens are charged.
-    async with limits.metered(stream):
+    # The completion is the serving layer's: leaving the block early (an error, the
+    # client gone) cancels the generation; its tokens are charged either way.
+    async with serving.completion(body, client_limits(request)) as stream:
         if not body.stream:
             return web.json_response(await serving.complete(body, stream))
         response = web.StreamResponse(headers=SSE_HEADERS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from chatserver.api.openai import protocol
@@ -18,6 +19,7 @@ from chatserver.errors import ApiError
 from chatserver.limits import InFlight
 
 if TYPE_CHECKING:
+    from chatserver.api.ratelimit import ClientLimits
     from chatserver.engine.engine import GenerationStream, InferenceEngine
 
 
@@ -47,6 +49,17 @@ class OpenAIServing:
                 f"the model {model!r} does not exist; this server serves {self.engine.model_id!r}",
                 "model",
             )
+
+    @asynccontextmanager
+    async def completion(
+        self, request: ChatCompletionRequest, limits: ClientLimits
+    ) -> AsyncIterator[GenerationStream]:
+        """One completion, start to end: rate limits (before any prompt work), start,
+        and the stream's lifetime; leaving early cancels it, its tokens are charged."""
+        await limits.admit()
+        stream = await self.start(request)
+        async with limits.metered(stream):
+            yield stream
 
     async def start(self, request: ChatCompletionRequest) -> GenerationStream:
         """Check the model, build the prompt and start generating; the caller enters the stream.
