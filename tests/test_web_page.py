@@ -438,7 +438,8 @@ async def test_phone_width_dark_theme_and_keyboard(
 async def test_busy_rate_limited_and_not_ready_are_shown_and_waited_out(
     chat_server: ChatServer, browser: Browser
 ) -> None:
-    """The server has no admission limits yet: the refusals are injected into the socket."""
+    """The refusals are injected into the socket so that their retry_after values are exact;
+    the server's own refusals are tested in test_admission.py and test_rate_limits.py."""
     refusals: list[tuple[str, int | None]] = [
         ("server_busy", 2),
         ("rate_limited", 1),
