@@ -115,6 +115,20 @@ class Settings:
             "and the client told request_timeout (0: no limit)"
         },
     )
+    worker_stall_timeout: float = field(
+        default=30.0,
+        metadata={
+            "help": "seconds a worker with work may go without finishing a step before it "
+            "is killed and restarted (its clients get worker_failed); 0: never"
+        },
+    )
+    worker_restart_delay: float = field(
+        default=1.0,
+        metadata={
+            "help": "seconds before restarting a worker that died more than twice within a "
+            "minute; doubles with each further death, up to 30 s"
+        },
+    )
     keepalive_interval: float = field(
         default=15.0,
         metadata={

@@ -20,7 +20,13 @@ from aiohttp.typedefs import Handler, Middleware
 
 from chatserver.api.request_id import request_id_of
 from chatserver.api.state import METRICS
-from chatserver.engine.errors import GenerationFailed, NotReady, RequestTimedOut
+from chatserver.engine.errors import (
+    GenerationFailed,
+    NotReady,
+    RequestTimedOut,
+    WorkerLost,
+    WorkerUnavailable,
+)
 from chatserver.errors import ApiError, bad_request, retry_after_seconds
 from chatserver.limits.admission import ServerBusy
 from chatserver.limits.rate import REQUESTS, RateLimited
@@ -28,6 +34,11 @@ from chatserver.protocol.json_input import JsonInputError, loads_strict
 from chatserver.sessions import SessionStoreUnavailable
 
 log = logging.getLogger(__name__)
+
+# Retry hints where no rate is known: a failed worker restarts (reloading the
+# model takes seconds); a store that timed out may answer again at once.
+WORKER_RETRY_AFTER_S = 5.0
+STORE_RETRY_AFTER_S = 1.0
 
 _HTTP_CODES = {
     404: ("not_found", "no route for {method} {path}"),
@@ -49,6 +60,10 @@ def to_api_error(exc: BaseException, request: web.Request | None = None) -> ApiE
         return ApiError(503, "server_busy", str(exc), retry_after=exc.retry_after)
     if isinstance(exc, NotReady):
         return ApiError(503, "not_ready", str(exc))
+    if isinstance(exc, WorkerUnavailable):
+        return ApiError(503, "worker_unavailable", str(exc), retry_after=exc.retry_after)
+    if isinstance(exc, WorkerLost):
+        return ApiError(503, "worker_failed", str(exc), retry_after=WORKER_RETRY_AFTER_S)
     if isinstance(exc, RequestTimedOut):
         return ApiError(504, "request_timeout", str(exc))
     if isinstance(exc, GenerationFailed):
@@ -56,7 +71,12 @@ def to_api_error(exc: BaseException, request: web.Request | None = None) -> ApiE
     if isinstance(exc, RateLimited):
         return rate_limited(exc)
     if isinstance(exc, SessionStoreUnavailable):
-        return ApiError(503, "session_store_unavailable", "the session store is unavailable")
+        return ApiError(
+            503,
+            "session_store_unavailable",
+            "the session store is unavailable",
+            retry_after=STORE_RETRY_AFTER_S,
+        )
     return ApiError(500, "internal_error", "internal server error")
 
 

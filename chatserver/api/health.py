@@ -27,6 +27,7 @@ async def readyz(request: web.Request) -> web.Response:
         "generations": len(request.app[INFLIGHT].live()),
         "precision": engine.precision or {"dtype": engine.dtype},
         "admission": engine.load(),
+        "workers": engine.worker_states(),
     }
     if not engine.ready:
         body["reason"] = engine.failure or "the model workers are loading"

@@ -47,7 +47,13 @@ from typing import Any
 
 from chatserver.config import DEFAULT_MODEL_NAME, Settings
 from chatserver.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from chatserver.engine.errors import GenerationFailed, NotReady, RequestTimedOut
+from chatserver.engine.errors import (
+    GenerationFailed,
+    NotReady,
+    RequestTimedOut,
+    WorkerLost,
+    WorkerUnavailable,
+)
 from chatserver.engine.types import Prompt
 from chatserver.limits.admission import AdmissionQueue, Ticket
 from chatserver.metrics import Metrics
@@ -70,9 +76,14 @@ from chatserver.workers.host import WorkerHost
 log = logging.getLogger(__name__)
 
 _END = object()
-# A worker that keeps dying (out of memory at load, say) is not restarted forever.
-MAX_RESTARTS = 3
+# A worker that keeps dying (out of memory at load, say) is restarted after a
+# delay that doubles with each death in the window (the first few at once),
+# up to the cap; healthy workers keep serving meanwhile.
 RESTART_WINDOW_S = 60.0
+RESTARTS_AT_ONCE = 2
+RESTART_DELAY_MAX_S = 30.0  # the first delay is --worker-restart-delay
+# How often the stall watchdog looks at the workers.
+WATCHDOG_PERIOD_S = 0.5
 
 
 class GenerationStream:
@@ -103,6 +114,7 @@ class GenerationStream:
         self.matcher = StopStringMatcher(stops)
         self.ticket = ticket
         self.deadline: asyncio.TimerHandle | None = None
+        self.request: GenerateRequest | None = None  # as sent to its worker
 
     @property
     def finished(self) -> bool:
@@ -131,10 +143,12 @@ class GenerationStream:
 
         The one place that decides which finish reasons are failures: 'stop',
         'length' and 'cancelled' are replies (a cancelled one is partial);
-        'error' and 'timeout' are not.
+        'error', 'worker_failed' and 'timeout' are not.
         """
         if self.finish_reason == "error":
             raise GenerationFailed()
+        if self.finish_reason == "worker_failed":
+            raise WorkerLost()
         if self.finish_reason == "timeout":
             raise RequestTimedOut(self._engine.settings.request_timeout)
 
@@ -227,7 +241,11 @@ class InferenceEngine:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._source: ModelSource | None = None
-        self._restarts: list[float] = []
+        self._deaths: list[float] = []  # when workers died, within RESTART_WINDOW_S
+        self._restart_at: dict[int, float] = {}  # dead worker -> when it is restarted
+        # worker -> when it last showed progress (a step), or got work while idle.
+        self._last_progress: dict[int, float] = {}
+        self._watchdog: asyncio.Task | None = None
         self.max_running = settings.max_running or settings.max_batch
         self._admission = AdmissionQueue(max(0, settings.max_queue))
         self._scheduled = 0  # live streams some worker step has taken into its batch
@@ -241,7 +259,24 @@ class InferenceEngine:
     # --- lifecycle ---------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return bool(self._workers) and self._ready == set(self._workers) and not self._stopping
+        """At least one worker serves: requests go to the ready ones while others reload."""
+        return bool(self._ready) and not self._stopping
+
+    def worker_states(self) -> list[dict[str, Any]]:
+        """Each worker's state for /readyz: ready, loading, or restarting (and when)."""
+        now = time.monotonic()
+        states = []
+        for wid in sorted(self._workers):
+            state: dict[str, Any] = {"worker": wid, "generations": self._load[wid]}
+            if wid in self._ready:
+                state["state"] = "ready"
+            elif wid in self._restart_at:
+                state["state"] = "restarting"
+                state["restart_in_s"] = round(max(0.0, self._restart_at[wid] - now), 1)
+            else:
+                state["state"] = "loading"
+            states.append(state)
+        return states
 
     @property
     def running_slots(self) -> int:
@@ -298,6 +333,8 @@ class InferenceEngine:
             self._outputs[wid] = asyncio.Queue()
             self._pumps.append(asyncio.create_task(self._pump(wid)))
             host.start(self._loop, self._on_message, self._on_exit)
+        if s.worker_stall_timeout > 0:
+            self._watchdog = asyncio.create_task(self._watch_stalls(s.worker_stall_timeout))
         log.info(
             "engine %s: %d worker(s), model %s on %s (%s), context %d",
             self.engine_kind,
@@ -390,6 +427,8 @@ class InferenceEngine:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for stream in list(self._streams.values()):
             self._finish(stream, "cancelled")
         await asyncio.gather(*(w.stop() for w in self._workers.values()), return_exceptions=True)
@@ -401,8 +440,16 @@ class InferenceEngine:
     def admit(self) -> Ticket:
         """A place in the engine for one request, or ServerBusy; taken before any work."""
         if not self._ready or self._stopping:
-            raise NotReady(self.failure or "the model workers are not ready yet")
+            raise self._unavailable()
         return self._admission.admit(self.running_slots)
+
+    def _unavailable(self) -> Exception:
+        """Why no worker takes a request: still loading (NotReady), or restarting."""
+        if self._restart_at and not self._stopping:
+            wait = min(self._restart_at.values()) - time.monotonic()
+            # A restarted worker loads the model again before it serves.
+            return WorkerUnavailable(retry_after=max(0.0, wait) + 5.0)
+        return NotReady(self.failure or "the model workers are not ready yet")
 
     async def submit(
         self, messages: list[dict[str, str]], req: RequestParams, truncate: bool
@@ -453,8 +500,9 @@ class InferenceEngine:
         self, prompt: Prompt, req: RequestParams, ticket: Ticket | None = None
     ) -> GenerationStream:
         """Hand a prompt to the least-loaded ready worker (``ticket``: from admit())."""
-        if not self._ready:
-            raise NotReady(self.failure or "the model workers are not ready yet")
+        serving = [w for w in self._ready if self._workers[w].alive]
+        if not serving:
+            raise self._unavailable()
         if ticket is None:
             ticket = self.admit()
         seq_id = next(self._seq_ids)
@@ -464,14 +512,15 @@ class InferenceEngine:
             # Time in the queue counts: the deadline runs from admission.
             when = self._loop.time() + timeout - (time.monotonic() - ticket.admitted_at)
             stream.deadline = self._loop.call_at(when, self._expire, stream)
-        worker_id = min(self._ready, key=lambda w: self._load[w])
+        worker_id = min(serving, key=lambda w: self._load[w])
+        if not self._load[worker_id]:
+            self._last_progress[worker_id] = time.monotonic()  # the stall clock starts
         stream.worker_id = worker_id
         self._load[worker_id] += 1
         self._streams[seq_id] = stream
         self.metrics.prompt_tokens.inc(stream.prompt_tokens)
-        self._workers[worker_id].send(
-            GenerateRequest(seq_id, prompt.ids, self.sampling_params(prompt, req))
-        )
+        stream.request = GenerateRequest(seq_id, prompt.ids, self.sampling_params(prompt, req))
+        self._workers[worker_id].send(stream.request)
         return stream
 
     def _cancel(self, stream: GenerationStream, client_gone: bool = False) -> None:
@@ -509,6 +558,7 @@ class InferenceEngine:
     # --- worker output -----------------------------------------------------------
     def _on_message(self, msg: WorkerToServer) -> None:
         if isinstance(msg, StepOutput):
+            self._last_progress[msg.worker_id] = time.monotonic()
             self._observe_step(msg)
             self._outputs[msg.worker_id].put_nowait(msg)
         elif isinstance(msg, WorkerReady):
@@ -531,6 +581,9 @@ class InferenceEngine:
                 "quality_gate": list(msg.quality_gate),
             }
             self._ready.add(msg.worker_id)
+            self._restart_at.pop(msg.worker_id, None)
+            if not self.fatal.is_set():
+                self.failure = None  # a worker serves again
         elif isinstance(msg, WorkerFailed):
             self.failure = f"worker {msg.worker_id} failed: {msg.message}"
             log.error(self.failure)
@@ -559,20 +612,71 @@ class InferenceEngine:
         self._kv_cache.pop(worker_id, None)
         if self._stopping:
             return
-        log.error("worker %d exited; failing its streams and restarting it", worker_id)
-        for stream in [s for s in self._streams.values() if s.worker_id == worker_id]:
-            self._finish(stream, "error")
+        self._reroute_or_fail(worker_id)
+        if self.fatal.is_set() or self._loop is None:
+            return  # it cannot serve as configured: the server is exiting
         now = time.monotonic()
-        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S] + [now]
-        if len(self._restarts) > MAX_RESTARTS:
-            self.failure = f"workers died {len(self._restarts)} times in {RESTART_WINDOW_S:.0f}s; not restarting"
-            log.error(self.failure)
-        if self.failure is None and self._loop is not None:
-            old = self._workers[worker_id]
-            host = type(old)(worker_id, old.config)
-            self._workers[worker_id] = host
-            self.metrics.worker_restarts.inc()
-            host.start(self._loop, self._on_message, self._on_exit)
+        self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW_S] + [now]
+        extra = len(self._deaths) - RESTARTS_AT_ONCE
+        first = self.settings.worker_restart_delay
+        delay = 0.0 if extra <= 0 else min(RESTART_DELAY_MAX_S, first * 2.0 ** (extra - 1))
+        log.error(
+            "worker %d exited; its streams failed; restarting it in %.0f s (%d deaths in %.0f s)",
+            worker_id,
+            delay,
+            len(self._deaths),
+            RESTART_WINDOW_S,
+        )
+        self._restart_at[worker_id] = now + delay
+        self._loop.call_later(delay, self._restart, worker_id)
+
+    def _reroute_or_fail(self, dead: int) -> None:
+        """The dead worker's sequences: those it never scheduled go to a live worker
+        (nothing was generated for them, so nothing is lost or repeated); the rest
+        end with 'worker_failed'."""
+        others = [w for w in self._ready if w != dead and self._workers[w].alive]
+        for stream in [s for s in self._streams.values() if s.worker_id == dead]:
+            if others and not stream.scheduled and stream.request is not None:
+                target = min(others, key=lambda w: self._load[w])
+                self._load[dead] -= 1
+                self._load[target] += 1
+                stream.worker_id = target
+                self._workers[target].send(stream.request)
+            else:
+                self._finish(stream, "worker_failed")
+
+    def _restart(self, worker_id: int) -> None:
+        if self._stopping or self._loop is None:
+            return
+        old = self._workers[worker_id]
+        host = type(old)(worker_id, old.config)
+        self._workers[worker_id] = host
+        self.metrics.worker_restarts.inc()
+        host.start(self._loop, self._on_message, self._on_exit)
+
+    async def _watch_stalls(self, stall_s: float) -> None:
+        """Kill a worker that has work but shows no step for ``stall_s`` seconds.
+
+        A stuck worker (a hung kernel, SIGSTOP) would otherwise hold its
+        clients forever while /readyz says 200; killed, it is restarted like a
+        crashed one and its clients are told ``worker_failed``.
+        """
+        while True:
+            await asyncio.sleep(min(WATCHDOG_PERIOD_S, stall_s / 4))
+            now = time.monotonic()
+            for wid, host in list(self._workers.items()):
+                if wid not in self._ready or not self._load[wid]:
+                    continue
+                idle = now - self._last_progress.get(wid, now)
+                if idle > stall_s:
+                    log.error(
+                        "worker %d made no step for %.1f s with %d generation(s); killing it",
+                        wid,
+                        idle,
+                        self._load[wid],
+                    )
+                    self._ready.discard(wid)
+                    host.kill()
 
     async def _pump(self, worker_id: int) -> None:
         """Detokenize one worker's steps in order, in the thread pool, and deliver them."""

@@ -22,6 +22,21 @@ class GenerationFailed(EngineError):
         super().__init__(message)
 
 
+class WorkerUnavailable(EngineError):
+    """No live worker can take the request now (every one is restarting); retry later."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("no model worker is available right now (restarting); retry shortly")
+        self.retry_after = retry_after
+
+
+class WorkerLost(EngineError):
+    """The worker running this request died or stalled; the request may be sent again."""
+
+    def __init__(self) -> None:
+        super().__init__("the model worker running this request failed; send it again")
+
+
 class RequestTimedOut(EngineError):
     """The request spent longer than --request-timeout queued and generating."""
 

@@ -30,4 +30,13 @@ class WorkerHost(Protocol):
         """Never blocks the caller (the event loop)."""
         ...
 
+    @property
+    def alive(self) -> bool:
+        """False once the worker has died (before the engine's on_exit may have run)."""
+        ...
+
+    def kill(self) -> None:
+        """End a stuck worker at once; on_exit follows as for a crash."""
+        ...
+
     async def stop(self, grace: float = 10.0) -> None: ...

@@ -63,6 +63,13 @@ class ThreadWorker:
     def send(self, msg: ServerToWorker) -> None:
         self._inbox.put(msg)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def kill(self) -> None:
+        log.error("thread worker %d is stuck; a thread cannot be killed", self.worker_id)
+
     async def stop(self, grace: float = 10.0) -> None:
         self.send(Shutdown())
         if self._thread is not None:
@@ -106,6 +113,13 @@ class InlineWorker:
         if self._core is not None:
             self._core.apply(msg)
             self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._core is not None
+
+    def kill(self) -> None:
+        """Never stalls unnoticed: it runs on the event loop itself."""
 
     async def stop(self, grace: float = 10.0) -> None:
         if self._task is not None:

@@ -92,6 +92,8 @@ class ProcessWorker:
         self._process.start()
         child.close()
 
+        process = self._process
+
         def read() -> None:
             try:
                 while True:
@@ -99,6 +101,11 @@ class ProcessWorker:
                     loop.call_soon_threadsafe(on_message, msg)
             except (EOFError, OSError):
                 pass
+            # The worker is gone: end the writer, close the pipe, reap the process,
+            # so that restarts leave no thread, descriptor or zombie behind.
+            self._outbox.put(None)
+            parent.close()
+            process.join(5)
             if not loop.is_closed():
                 loop.call_soon_threadsafe(on_exit, self.worker_id)
 
@@ -115,6 +122,15 @@ class ProcessWorker:
     def send(self, msg: ServerToWorker) -> None:
         self._outbox.put(msg)
 
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    def kill(self) -> None:
+        if self._process is not None and self._process.pid is not None:
+            # SIGKILL also ends a stopped (SIGSTOP) process.
+            self._process.kill()
+
     async def stop(self, grace: float = 10.0) -> None:
         self.send(Shutdown())
         self._outbox.put(None)
@@ -126,5 +142,5 @@ class ProcessWorker:
         if process.is_alive():
             process.kill()
             await loop.run_in_executor(None, process.join, 5)
-        if self._conn is not None:
+        if self._conn is not None and not self._conn.closed:
             self._conn.close()
