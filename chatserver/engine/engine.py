@@ -445,8 +445,10 @@ class InferenceEngine:
 
     def _unavailable(self) -> Exception:
         """Why no worker takes a request: still loading (NotReady), or restarting."""
-        if self._restart_at and not self._stopping:
-            wait = min(self._restart_at.values()) - time.monotonic()
+        dead = any(not self._workers[w].alive for w in self._ready)
+        if (self._restart_at or dead) and not self._stopping:
+            now = time.monotonic()
+            wait = min(self._restart_at.values(), default=now) - now
             # A restarted worker loads the model again before it serves.
             return WorkerUnavailable(retry_after=max(0.0, wait) + 5.0)
         return NotReady(self.failure or "the model workers are not ready yet")
