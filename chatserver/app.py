@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 import weakref
@@ -50,11 +51,17 @@ from chatserver.sessions import SessionStoreUnavailable, open_store
 
 log = logging.getLogger("chatserver")
 
-# When the server stops, running replies get this long to finish before they
-# are cancelled (WebSockets are closed at once: their clients reconnect).
-SHUTDOWN_GRACE_S = 5.0
-# aiohttp's own wait for handlers after that; they end promptly once cancelled.
-SHUTDOWN_TIMEOUT_S = 5.0
+# Shares of --shutdown-timeout: closing WebSockets (all together; a client that
+# never answers the close is not waited for), running replies' grace to finish
+# before they are cancelled, and aiohttp's wait for handlers after that. The
+# rest is for stopping the workers; past the whole, the process exits anyway.
+CLOSE_SHARE, CLOSE_MAX_S = 0.2, 2.0
+GRACE_SHARE, GRACE_MAX_S = 0.5, 5.0
+HANDLERS_SHARE, HANDLERS_MAX_S = 0.2, 2.0
+
+
+def _share(settings: Settings, share: float, most: float) -> float:
+    return min(most, share * settings.shutdown_timeout)
 
 
 async def _thread_pool(app: web.Application) -> AsyncIterator[None]:
@@ -115,9 +122,13 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+async def _close_websockets(app: web.Application) -> None:
+    await ws.close_websockets(app, _share(app[SETTINGS], CLOSE_SHARE, CLOSE_MAX_S))
+
+
 async def _drain(app: web.Application) -> None:
     """on_shutdown: let running replies finish for a grace period, then cancel them."""
-    cancelled = await app[INFLIGHT].drain(SHUTDOWN_GRACE_S)
+    cancelled = await app[INFLIGHT].drain(_share(app[SETTINGS], GRACE_SHARE, GRACE_MAX_S))
     if cancelled:
         log.info("cancelled %d reply(ies) still running at shutdown", cancelled)
 
@@ -144,7 +155,7 @@ def build_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.extend(
         [reload_on_sighup(keys), _thread_pool, _session_store, _rate_limiter, _engine, _services]
     )
-    app.on_shutdown.extend([ws.close_websockets, _drain])
+    app.on_shutdown.extend([_close_websockets, _drain])
     health.setup_routes(app)
     ws.setup_routes(app)
     chat_router.setup_routes(app)
@@ -161,7 +172,11 @@ class StartupFailed(RuntimeError):
 
 async def _serve(settings: Settings) -> None:
     app = build_app(settings)
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=_share(settings, HANDLERS_SHARE, HANDLERS_MAX_S),
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.host, settings.port).start()
@@ -169,8 +184,15 @@ async def _serve(settings: Settings) -> None:
             log.info("serving on http://%s:%d", host, port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():  # asked twice: the operator does not want to wait
+                log.warning("second signal: exiting at once")
+                os._exit(1)
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         engine = app[ENGINE]
         waits = [asyncio.create_task(stop.wait()), asyncio.create_task(engine.fatal.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -180,7 +202,13 @@ async def _serve(settings: Settings) -> None:
             raise StartupFailed(engine.failure or "a worker could not start")
         log.info("shutting down")
     finally:
-        await runner.cleanup()
+        try:
+            await asyncio.wait_for(runner.cleanup(), settings.shutdown_timeout)
+        except TimeoutError:
+            log.error(
+                "shutdown took over %gs (--shutdown-timeout); exiting", settings.shutdown_timeout
+            )
+            os._exit(1)
 
 
 def serve(settings: Settings) -> None:

@@ -129,6 +129,13 @@ class Settings:
             "minute; doubles with each further death, up to 30 s"
         },
     )
+    shutdown_timeout: float = field(
+        default=10.0,
+        metadata={
+            "help": "seconds the whole shutdown may take (WebSockets closed together, running "
+            "replies given up to half of it to finish); a second SIGTERM exits at once"
+        },
+    )
     keepalive_interval: float = field(
         default=15.0,
         metadata={

@@ -397,10 +397,19 @@ async def chat_ws(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-async def close_websockets(app: web.Application) -> None:
-    """on_shutdown: tell every client the server is going away."""
-    for ws in list(app[WEBSOCKETS]):
-        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+async def close_websockets(app: web.Application, wait: float) -> None:
+    """on_shutdown: tell every client the server is going away, all at once.
+
+    A close waits for the client's answer; a client that never reads would hold
+    it for aiohttp's close timeout, so no more than ``wait`` seconds are spent
+    on all of them together (the rest are cancelled with their handlers).
+    """
+    closes = [
+        asyncio.create_task(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown"))
+        for ws in list(app[WEBSOCKETS])
+    ]
+    if closes:
+        await asyncio.wait(closes, timeout=wait)
 
 
 def setup_routes(app: web.Application) -> None:

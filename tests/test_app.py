@@ -1,0 +1,69 @@
+"""chatserver.app: the serving process's shutdown, bounded however clients behave."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import aiohttp
+
+from tests.serverproc import ServerProcess
+
+
+async def test_shutdown_finishes_within_its_timeout():
+    proc = ServerProcess("--shutdown-timeout", "2", "--log-level", "warning").wait_ready()
+    try:
+        async with aiohttp.ClientSession() as http:
+            # Sockets whose clients never read, and a reply that would run for long.
+            sockets = [
+                await http.ws_connect(proc.url + "/ws", autoclose=False, autoping=False)
+                for _ in range(12)
+            ]
+            body = {
+                "model": "SmolLM2-135M-Instruct",
+                "messages": [{"role": "user", "content": "Count from 1 to 500."}],
+                "max_tokens": 2000,
+                "stream": True,
+            }
+            async with http.post(proc.url + "/v1/chat/completions", json=body) as resp:
+                await resp.content.readline()
+                started = time.monotonic()
+                proc.proc.send_signal(signal.SIGTERM)
+                tail = await resp.content.read()
+                loop = asyncio.get_running_loop()
+                code = await loop.run_in_executor(None, proc.proc.wait, 30)
+                elapsed = time.monotonic() - started
+            for ws in sockets:
+                await ws.close()
+        # The running reply got its share of the 2 s (not a fixed 5 s) and was ended
+        # properly; then the server stopped.
+        assert elapsed < 2 + 1.5, elapsed
+        assert tail.endswith(b"data: [DONE]\n\n"), tail[-200:]
+        assert code == 0, proc.log()
+    finally:
+        proc.stop()
+
+
+async def test_a_second_signal_exits_at_once():
+    proc = ServerProcess("--shutdown-timeout", "20", "--log-level", "warning").wait_ready()
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = {
+                "model": "SmolLM2-135M-Instruct",
+                "messages": [{"role": "user", "content": "Count from 1 to 500."}],
+                "max_tokens": 2000,
+                "stream": True,
+            }
+            async with http.post(proc.url + "/v1/chat/completions", json=body) as resp:
+                await resp.content.readline()  # the reply is running: shutdown would wait
+                proc.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.5)
+                assert proc.proc.poll() is None  # still draining (up to 5 s of grace)
+                started = time.monotonic()
+                proc.proc.send_signal(signal.SIGTERM)
+                await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 30)
+                elapsed = time.monotonic() - started
+        assert elapsed < 1.5, elapsed
+    finally:
+        proc.stop()
