@@ -58,7 +58,15 @@ REJECTION_REASONS = {
     "context_length_exceeded": "too_large",
 }
 
-FINISH_REASONS = ("stop", "length", "cancelled", "error", "timeout", "worker_failed")
+FINISH_REASONS = (
+    "stop",
+    "length",
+    "cancelled",
+    "interrupted",
+    "error",
+    "timeout",
+    "worker_failed",
+)
 
 # How often the event-loop sampler wakes; its overshoot is the loop's lag.
 LOOP_LAG_INTERVAL_S = 0.1

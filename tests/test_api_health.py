@@ -49,18 +49,21 @@ async def wait_until_ready(http: aiohttp.ClientSession, proc: ServerProcess) -> 
 
 
 async def test_readiness_and_graceful_shutdown() -> None:
-    proc = ServerProcess("--log-level", "warning")
+    proc = ServerProcess("--shutdown-timeout", "2", "--log-level", "warning")
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
             statuses = await wait_until_ready(http, proc)
             assert statuses[0] == 503 and statuses[-1] == 200
 
             # A reply still streaming when the server is told to stop is ended
-            # properly (final chunk, [DONE]) after the grace period, and the
-            # process exits well before the test harness would kill it.
+            # properly after the grace period, and not passed off as complete: an
+            # error event `interrupted`, then [DONE]. The process exits well before
+            # the test harness would kill it.
             body = {
                 "model": "SmolLM2-135M-Instruct",
-                "messages": [{"role": "user", "content": "Count to 1000."}],
+                "messages": [
+                    {"role": "user", "content": "Count from 1 to 500, one number per line."}
+                ],
                 "max_tokens": 4000,
                 "stream": True,
             }
@@ -71,7 +74,7 @@ async def test_readiness_and_graceful_shutdown() -> None:
                 events = (await r.read()).decode().strip().split("\n\n")
             assert events[-1] == "data: [DONE]"
             last = json.loads(events[-2].removeprefix("data: "))
-            assert last["choices"][0]["finish_reason"] == "stop"
+            assert last.get("error", {}).get("code") == "interrupted", events[-4:]
             assert await stopping == 0
             assert time.monotonic() - start < 18
     finally:

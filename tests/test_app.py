@@ -22,15 +22,20 @@ async def test_shutdown_finishes_within_its_timeout():
             ]
             body = {
                 "model": "SmolLM2-135M-Instruct",
-                "messages": [{"role": "user", "content": "Count from 1 to 500."}],
+                "messages": [
+                    {"role": "user", "content": "Count from 1 to 500, one number per line."}
+                ],
                 "max_tokens": 2000,
                 "stream": True,
             }
+            query = {"message": "Count from 1 to 500, one number per line.", "max_tokens": 2000}
+            queried = asyncio.create_task(http.post(proc.url + "/v1/query", json=query))
             async with http.post(proc.url + "/v1/chat/completions", json=body) as resp:
                 await resp.content.readline()
                 started = time.monotonic()
                 proc.proc.send_signal(signal.SIGTERM)
                 tail = await resp.content.read()
+                answer = await (await queried).json()
                 loop = asyncio.get_running_loop()
                 code = await loop.run_in_executor(None, proc.proc.wait, 30)
                 elapsed = time.monotonic() - started
@@ -40,6 +45,9 @@ async def test_shutdown_finishes_within_its_timeout():
         # properly; then the server stopped.
         assert elapsed < 2 + 1.5, elapsed
         assert tail.endswith(b"data: [DONE]\n\n"), tail[-200:]
+        # Cut short, and saying so: the native API's finish reason, OpenAI's error event.
+        assert b'"code": "interrupted"' in tail, tail[-300:]
+        assert answer["finish_reason"] == "interrupted" and answer["reply"], answer
         assert code == 0, proc.log()
     finally:
         proc.stop()
@@ -51,7 +59,9 @@ async def test_a_second_signal_exits_at_once():
         async with aiohttp.ClientSession() as http:
             body = {
                 "model": "SmolLM2-135M-Instruct",
-                "messages": [{"role": "user", "content": "Count from 1 to 500."}],
+                "messages": [
+                    {"role": "user", "content": "Count from 1 to 500, one number per line."}
+                ],
                 "max_tokens": 2000,
                 "stream": True,
             }

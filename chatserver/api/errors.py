@@ -23,6 +23,7 @@ from chatserver.api.state import METRICS
 from chatserver.engine.errors import (
     GenerationFailed,
     NotReady,
+    ReplyInterrupted,
     RequestTimedOut,
     WorkerLost,
     WorkerUnavailable,
@@ -64,6 +65,8 @@ def to_api_error(exc: BaseException, request: web.Request | None = None) -> ApiE
         return ApiError(503, "worker_unavailable", str(exc), retry_after=exc.retry_after)
     if isinstance(exc, WorkerLost):
         return ApiError(503, "worker_failed", str(exc), retry_after=WORKER_RETRY_AFTER_S)
+    if isinstance(exc, ReplyInterrupted):
+        return ApiError(503, "interrupted", str(exc), retry_after=WORKER_RETRY_AFTER_S)
     if isinstance(exc, RequestTimedOut):
         return ApiError(504, "request_timeout", str(exc))
     if isinstance(exc, GenerationFailed):

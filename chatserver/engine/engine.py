@@ -19,7 +19,8 @@ Public API used by the API layer:
     async with stream:              # leaving the block early cancels the sequence
         async for delta in stream:  # str text deltas
             ...
-    stream.finish_reason            # "stop" | "length" | "cancelled" | "error" | "timeout"
+    stream.finish_reason            # "stop" | "length" | "cancelled" | "interrupted"
+                                    # | "error" | "worker_failed" | "timeout"
     stream.check()                  # GenerationFailed / RequestTimedOut for the last two
     await engine.stop()
 
@@ -138,12 +139,20 @@ class GenerationStream:
         """
         self._engine._cancel(self, client_gone)
 
+    def interrupt(self) -> None:
+        """Stop generating because the server stops: finish_reason 'interrupted'.
+
+        Not 'stop' nor 'cancelled': the reply was cut short by the server, not
+        finished by the model or dropped by its client.
+        """
+        self._engine._cancel(self, reason="interrupted")
+
     def check(self) -> None:
         """Raise the domain error of a reply that did not end as a reply should.
 
         The one place that decides which finish reasons are failures: 'stop',
-        'length' and 'cancelled' are replies (a cancelled one is partial);
-        'error', 'worker_failed' and 'timeout' are not.
+        'length', 'cancelled' and 'interrupted' are replies (the last two
+        partial); 'error', 'worker_failed' and 'timeout' are not.
         """
         if self.finish_reason == "error":
             raise GenerationFailed()
@@ -525,7 +534,9 @@ class InferenceEngine:
         self._workers[worker_id].send(stream.request)
         return stream
 
-    def _cancel(self, stream: GenerationStream, client_gone: bool = False) -> None:
+    def _cancel(
+        self, stream: GenerationStream, client_gone: bool = False, reason: str = "cancelled"
+    ) -> None:
         if stream.finished:
             return
         if client_gone:
@@ -533,7 +544,7 @@ class InferenceEngine:
         worker = self._workers.get(stream.worker_id)
         if worker is not None:
             worker.send(CancelRequest(stream.seq_id))
-        self._finish(stream, "cancelled")
+        self._finish(stream, reason)
 
     def _expire(self, stream: GenerationStream) -> None:
         """--request-timeout passed: take the sequence out of its worker's queue or batch."""

@@ -37,6 +37,13 @@ class WorkerLost(EngineError):
         super().__init__("the model worker running this request failed; send it again")
 
 
+class ReplyInterrupted(EngineError):
+    """The server stopped before the reply was complete (OpenAI has no finish reason for it)."""
+
+    def __init__(self) -> None:
+        super().__init__("the server shut down before the reply was complete; send it again")
+
+
 class RequestTimedOut(EngineError):
     """The request spent longer than --request-timeout queued and generating."""
 

@@ -36,5 +36,5 @@ class InFlight:
             await asyncio.sleep(poll)
         left = self.live()
         for stream in left:
-            stream.cancel()
+            stream.interrupt()
         return len(left)

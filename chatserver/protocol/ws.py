@@ -15,7 +15,7 @@ Server -> client::
 
     {"type": "session", "session_id": str}
     {"type": "token", "id": str, "content": str}
-    {"type": "done", "id": str, "finish_reason": "stop"|"length"|"cancelled",
+    {"type": "done", "id": str, "finish_reason": "stop"|"length"|"cancelled"|"interrupted",
      "usage": {"prompt_tokens": int, "completion_tokens": int}, "stored"?: bool}
     {"type": "error", "id"?: str, "code": str, "message": str, "retry_after"?: int,
      "request_id"?: str}

@@ -349,7 +349,10 @@ function onFrame(frame) {
       break;
     case "done":
       if (!r || frame.id !== r.id) return;
-      finishRunning(frame.finish_reason === "cancelled" ? "stopped" : "done", frame);
+      finishRunning(
+        ["cancelled", "interrupted"].includes(frame.finish_reason) ? "stopped" : "done",
+        frame,
+      );
       break;
     case "error":
       onError(frame);

@@ -123,11 +123,11 @@ class ChatService:
         True once stored; False when it was not (failed, session gone, store down).
         """
         reason = turn.stream.finish_reason
-        if reason not in ("stop", "length", "cancelled"):
+        if reason not in ("stop", "length", "cancelled", "interrupted"):
             return False
         assistant: Message = {"role": "assistant", "content": turn.stream.text}
-        if reason == "cancelled":
-            assistant["cancelled"] = True
+        if reason in ("cancelled", "interrupted"):
+            assistant[reason] = True  # the history shows what the user saw: a cut reply
         user: Message = {"role": "user", "content": turn.content}
         try:
             stored = await self.sessions.append_turn(

@@ -15,12 +15,22 @@ from typing import TYPE_CHECKING, Any
 from chatserver.api.openai import protocol
 from chatserver.api.openai.protocol import ChatCompletionRequest
 from chatserver.config import Settings
+from chatserver.engine.errors import ReplyInterrupted
 from chatserver.errors import ApiError
 from chatserver.limits import InFlight
 
 if TYPE_CHECKING:
     from chatserver.api.ratelimit import ClientLimits
     from chatserver.engine.engine import GenerationStream, InferenceEngine
+
+
+def check_openai(stream: GenerationStream) -> None:
+    """stream.check(), and an interrupted reply is an error too: OpenAI's finish
+    reasons cannot say "cut short by the server", and "stop" would pass it off
+    as complete."""
+    stream.check()
+    if stream.finish_reason == "interrupted":
+        raise ReplyInterrupted()
 
 
 class OpenAIServing:
@@ -78,7 +88,7 @@ class OpenAIServing:
         """Drain an entered stream into one ``chat.completion`` object."""
         async for _ in stream:
             pass
-        stream.check()
+        check_openai(stream)
         return protocol.chat_completion(
             protocol.completion_id(),
             int(time.time()),
@@ -104,7 +114,7 @@ class OpenAIServing:
                 yield None
             elif delta:
                 yield protocol.chunk(id, created, model, {"content": delta}, None, usage)
-        stream.check()
+        check_openai(stream)
         reason = protocol.openai_finish_reason(stream.finish_reason)
         yield protocol.chunk(id, created, model, {}, reason, usage)
         if usage:
