@@ -9,8 +9,8 @@
 // loadSessionList() is the one place to ask it) and the settings;
 // sessionStorage keeps an API key, so it dies with the tab.
 //
-// Auth contract (API keys are not implemented in the server yet; this is what
-// the page sends and expects, for the issue that adds them):
+// Auth contract (what the page sends and expects; the server's side is
+// chatserver/api/auth.py and chatserver/api/ws.py):
 //   HTTP:      `Authorization: Bearer <key>` on every /v1 request; a missing or
 //              wrong key is a 401 whose error code is "unauthorized".
 //   WebSocket: browsers cannot set headers on a WebSocket, and a key in the URL
