@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from chatserver.api import access_log, health, page, request_id, ws
+from chatserver.api import access_log, health, openapi, page, request_id, ws
 from chatserver.api import metrics as metrics_api
 from chatserver.api.auth import ApiKeysError, KeyRing, auth_middleware, reload_on_sighup
 from chatserver.api.chat import api_router as chat_router
@@ -161,6 +161,7 @@ def build_app(settings: Settings) -> web.Application:
     chat_router.setup_routes(app)
     openai_router.setup_routes(app)
     page.setup_routes(app)
+    openapi.setup_routes(app)
     request_id.setup(app)
     metrics_api.setup(app)
     return app

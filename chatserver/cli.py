@@ -31,8 +31,13 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "serve":
         from chatserver.app import serve as run_server
+        from chatserver.config import parse_memory
         from chatserver.models.loading import ModelNotFound
 
+        try:
+            parse_memory(args.kv_cache_memory, 1)
+        except ValueError as exc:
+            serve.error(f"--kv-cache-memory: {exc}")
         try:
             run_server(Settings.from_namespace(args))
         except ModelNotFound as exc:

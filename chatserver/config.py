@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,23 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 ENGINES = ("auto", "gpu", "pool", "thread", "inline")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 LOG_FORMATS = ("text", "json")
+
+
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
+def parse_memory(text: str, total: int, auto_fraction: float = 0.25) -> int:
+    """Bytes from '4GiB', '512MiB', '2e9', a fraction of `total` ('0.25'), or 'auto'."""
+    value = text.strip().lower()
+    if value == "auto":
+        return int(total * auto_fraction)
+    match = re.fullmatch(r"([0-9.e+]+)\s*([kmgt]i?)?b?", value)
+    if match is None:
+        raise ValueError(f"not a memory size: {text!r} (say 4GiB, 512MiB, 2e9 or 0.25)")
+    amount, unit = float(match.group(1)), match.group(2) or ""
+    if not unit and amount <= 1.0:
+        return int(total * amount)
+    return int(amount * _UNITS[unit])
 
 
 def _env_name(name: str) -> str:
@@ -153,6 +171,22 @@ class Settings:
     max_context: int = field(
         default=4096, metadata={"help": "context length cap in tokens (model's own if smaller)"}
     )
+    kv_cache_memory: str = field(
+        default="auto",
+        metadata={
+            "help": "KV cache budget of all workers together: bytes (4GiB, 512MiB, 2e9), a "
+            "fraction of RAM (CPU) or of GPU memory (0.25), or auto (a quarter of RAM on CPU, "
+            "0.4 of each GPU's memory); fixed at start, it bounds the slots (running "
+            "sequences plus retained conversation prefixes)"
+        },
+    )
+    prefix_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "keep finished sequences' keys/values and reuse the longest cached prefix "
+            "of a new prompt (a session's history, a shared system prompt)"
+        },
+    )
     prefill_chunk: int = field(
         default=256,
         metadata={
@@ -181,6 +215,13 @@ class Settings:
     )
     session_ttl: int = field(
         default=86400, metadata={"help": "seconds a session lives after its last use"}
+    )
+    max_history_messages: int = field(
+        default=200,
+        metadata={
+            "help": "messages a session keeps at most; a turn that would pass it drops the "
+            "oldest turns down to three quarters of it (0: no cap)"
+        },
     )
     system_prompt: str = field(
         default="You are a helpful assistant.",
@@ -257,6 +298,11 @@ class Settings:
             "choices": LOG_FORMATS,
         },
     )
+
+    def kv_cache_budget(self, device_bytes: int, workers: int, gpu: bool = False) -> int:
+        """Bytes of KV cache for each of `workers` sharing a device of `device_bytes`."""
+        auto = 0.4 if gpu else 0.25  # a GPU worker's device holds little besides
+        return parse_memory(self.kv_cache_memory, device_bytes, auto) // max(1, workers)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

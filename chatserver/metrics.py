@@ -155,8 +155,18 @@ class Metrics:
         )
         self.kv_cache_usage = Gauge(
             p + "kv_cache_usage_ratio",
-            "Token positions of the workers' KV caches holding live sequences, over those "
-            "allocated (0 to 1).",
+            "Token positions of the workers' KV caches holding running sequences, over the "
+            "positions their memory budget holds (0 to 1).",
+            registry=r,
+        )
+        self.prefix_cache_queries = Counter(
+            p + "prefix_cache_queries",
+            "Prompt tokens looked up in the workers' prefix caches.",
+            registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            p + "prefix_cache_hits",
+            "Prompt tokens found in the workers' prefix caches (not computed again).",
             registry=r,
         )
         self.event_loop_lag = Histogram(

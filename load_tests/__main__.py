@@ -5,9 +5,13 @@ Examples::
     chatserver-load --mode ws --concurrency 8 --requests 64 --max-tokens 64 --json out.json
     chatserver-load --mode openai --rate 4 --duration 30
     chatserver-load --mode query --sweep 1,2,4,8,16,32 --requests 64 --plot sweep.png
+    chatserver-load multiturn --url http://127.0.0.1:8080 --conversations 1,4 --turns 10
 
 Reports like ``vllm bench serve`` (a table per pass on stdout, a progress bar on stderr,
 ``--json`` for machines). Only loopback servers unless ``--allow-remote``.
+
+``multiturn`` runs issue 11's conversation benchmark (``load_tests/multiturn.py``,
+``chatserver-load multiturn --help``): each request is a turn of a growing conversation.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ DEFAULT_REQUESTS = 32
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="chatserver-load",
-        description="Load-test a running chatserver over WebSocket, HTTP query or OpenAI API.",
+        description="Load-test a running chatserver over WebSocket, HTTP query or OpenAI API. "
+        "`chatserver-load multiturn ...`: the multi-turn conversation benchmark instead.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--url", default="http://127.0.0.1:8080", help="server base URL")
@@ -112,6 +117,11 @@ async def run_passes(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["multiturn"]:
+        from load_tests import multiturn
+
+        return multiturn.main(argv[1:], prog="chatserver-load multiturn")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

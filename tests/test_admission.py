@@ -17,7 +17,8 @@ from chatserver.limits.admission import AdmissionQueue, ServerBusy
 from tests.serverproc import ServerProcess, wait_no_generations
 
 MODEL = "SmolLM2-135M-Instruct"
-# Greedy SmolLM2 counts for a long time: a reply that surely outlasts a short deadline.
+# With ignore_eos a reply runs to its max_tokens whatever the model says: one that
+# surely outlasts a short deadline, on every CPU and precision.
 LONG_PROMPT = "Count from 1 to 500, one number per line."
 
 
@@ -141,6 +142,7 @@ async def hold_slots(url: str, count: int, max_tokens: int = 300) -> list[asynci
             "model": MODEL,
             "messages": [{"role": "user", "content": LONG_PROMPT}],
             "max_tokens": max_tokens,
+            "ignore_eos": True,
             "stream": True,
         }
         try:
@@ -186,9 +188,10 @@ async def test_busy_is_checked_before_the_prompt_and_on_every_api(small_server):
     try:
         await wait_admitted(url, 8)
         async with aiohttp.ClientSession() as http:
-            # A prompt that would be refused as too long is refused as busy: no
-            # tokenizing was spent on it.
-            huge = {"message": "word " * 100_000, "max_tokens": 4}
+            # A prompt that tokenizing would find too long (300,000 characters: under
+            # the character bound, which refuses longer ones before anything else)
+            # is refused as busy: no tokenizing was spent on it.
+            huge = {"message": "word " * 60_000, "max_tokens": 4}
             async with http.post(url + "/v1/query", json=huge) as resp:
                 assert resp.status == 503
                 assert (await resp.json())["error"]["code"] == "server_busy"
@@ -218,13 +221,14 @@ async def test_a_request_past_its_deadline_is_stopped_and_told(deadline_server):
             "model": MODEL,
             "messages": [{"role": "user", "content": LONG_PROMPT}],
             "max_tokens": 1000,
+            "ignore_eos": True,
             "stream": True,
         }
         # The running one streams past its 2 s: an error event, then [DONE].
         async with http.post(url + "/v1/chat/completions", json=body) as resp:
             running = asyncio.create_task(resp.content.read())
             # The queued one (one running slot) times out waiting: 504 before any text.
-            query = {"message": LONG_PROMPT, "max_tokens": 10}
+            query = {"message": LONG_PROMPT, "max_tokens": 10, "ignore_eos": True}
             async with http.post(url + "/v1/query", json=query) as queued:
                 assert queued.status == 504
                 assert (await queued.json())["error"]["code"] == "request_timeout"
@@ -236,7 +240,12 @@ async def test_a_request_past_its_deadline_is_stopped_and_told(deadline_server):
         # Over WebSocket: tokens, then an error frame, and nothing is stored.
         async with http.ws_connect(url + "/ws") as ws:
             await ws.send_json(
-                {"type": "chat", "content": LONG_PROMPT, "id": "w", "params": {"max_tokens": 1000}}
+                {
+                    "type": "chat",
+                    "content": LONG_PROMPT,
+                    "id": "w",
+                    "params": {"max_tokens": 1000, "ignore_eos": True},
+                }
             )
             frames = []
             while not frames or frames[-1]["type"] not in ("error", "done"):

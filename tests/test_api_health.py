@@ -65,6 +65,7 @@ async def test_readiness_and_graceful_shutdown() -> None:
                     {"role": "user", "content": "Count from 1 to 500, one number per line."}
                 ],
                 "max_tokens": 4000,
+                "ignore_eos": True,
                 "stream": True,
             }
             async with http.post(proc.url + "/v1/chat/completions", json=body) as r:

@@ -195,7 +195,7 @@ async def test_cancel_queued_message(server: ServerProcess) -> None:
     assert [i for i, _ in finals] == ["b", "a", "c"]
     assert not any(f["type"] == "token" and f["id"] == "b" for f in frames)
     cancelled = next(f for f in frames if f["type"] == "done" and f["id"] == "b")
-    assert cancelled["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
+    assert cancelled["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "cached_tokens": 0}
 
 
 async def test_duplicate_id_refused(server: ServerProcess) -> None:

@@ -26,9 +26,14 @@ async def test_shutdown_finishes_within_its_timeout():
                     {"role": "user", "content": "Count from 1 to 500, one number per line."}
                 ],
                 "max_tokens": 2000,
+                "ignore_eos": True,
                 "stream": True,
             }
-            query = {"message": "Count from 1 to 500, one number per line.", "max_tokens": 2000}
+            query = {
+                "message": "Count from 1 to 500, one number per line.",
+                "max_tokens": 2000,
+                "ignore_eos": True,
+            }
             queried = asyncio.create_task(http.post(proc.url + "/v1/query", json=query))
             async with http.post(proc.url + "/v1/chat/completions", json=body) as resp:
                 await resp.content.readline()
@@ -63,6 +68,7 @@ async def test_a_second_signal_exits_at_once():
                     {"role": "user", "content": "Count from 1 to 500, one number per line."}
                 ],
                 "max_tokens": 2000,
+                "ignore_eos": True,
                 "stream": True,
             }
             async with http.post(proc.url + "/v1/chat/completions", json=body) as resp:

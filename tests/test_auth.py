@@ -289,8 +289,10 @@ async def test_ws_auth_frame_comes_first(keyed: ServerProcess, http: aiohttp.Cli
                 "id": "early",
                 "code": "unauthorized",
                 "message": frames[0]["message"],
+                "request_id": frames[0]["request_id"],
             }
         ]
+        assert frames[0]["request_id"]
         await ws.send_str("not json")
         assert (await ws.receive_json(timeout=10))["code"] == "unauthorized"
         await ws.send_json({"type": "auth", "id": "auth", "api_key": KEY_A})

@@ -296,9 +296,16 @@ async def test_stream_hands_a_lagging_reader_all_queued_text_at_once(model_dir: 
     from chatserver.engine.engine import GenerationStream
     from chatserver.limits.admission import AdmissionQueue
 
-    engine = SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(model_dir))
     ticket = AdmissionQueue(max_queue=0).admit(running_slots=1)
-    stream = GenerationStream(engine, 1, SimpleNamespace(ids=[1, 2, 3]), (), ticket)
+    cancelled = []
+    stream = GenerationStream(
+        1,
+        SimpleNamespace(ids=[1, 2, 3]),
+        (),
+        ticket,
+        tokenizer=AutoTokenizer.from_pretrained(model_dir),
+        cancel=lambda s, gone, reason: cancelled.append(reason),
+    )
     for piece in ("The", " capital", " is"):
         stream._push(piece)
     assert await anext(stream) == "The capital is"
@@ -310,3 +317,5 @@ async def test_stream_hands_a_lagging_reader_all_queued_text_at_once(model_dir: 
     assert stream.text == "The capital is Paris." and stream.finish_reason == "stop"
     with pytest.raises(StopAsyncIteration):
         await anext(stream)
+    stream.interrupt()  # the stream asks its owner to stop the sequence: no engine needed
+    assert cancelled == ["interrupted"]

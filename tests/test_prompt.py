@@ -111,3 +111,69 @@ def test_turns_that_cannot_fit_are_dropped_before_tokenizing(tokenizer):
     # One render (the template, its markup, the contents), not one per dropped turn
     # after tokenizing the oversized one.
     assert counting.calls == 3
+
+
+class CharCountingTokenizer(CountingTokenizer):
+    """Counts the characters it is given to tokenize as well as its calls."""
+
+    def __init__(self, tokenizer) -> None:
+        super().__init__(tokenizer)
+        self.chars = 0
+
+    def __call__(self, texts, *args, **kwargs):
+        self.chars += sum(map(len, texts)) if isinstance(texts, list) else len(texts)
+        return super().__call__(texts, *args, **kwargs)
+
+
+def kept_messages(msgs: list[dict[str, str]], dropped: int) -> list[dict[str, str]]:
+    """What a prompt that dropped `dropped` messages after the system message holds."""
+    return msgs[:1] + msgs[1 + dropped :]
+
+
+def test_truncation_tokenizes_each_message_once(tokenizer):
+    """Linear: the same few tokenizer calls whatever is dropped, each content tokenized once,
+    and the ids exactly those of rendering the kept messages whole.
+
+    Before: one whole render (three calls, every kept content again) per dropped turn.
+    """
+    for turns in (10, 50, 200):
+        msgs = conversation(turns)
+        counting = CharCountingTokenizer(tokenizer)
+        prompt = build_prompt(counting, msgs, 64, 512, truncate=True)
+        assert prompt.dropped_turns >= 2 * (turns - 6) and prompt.dropped_turns % 2 == 0
+        assert prompt.ids == render(tokenizer, kept_messages(msgs, prompt.dropped_turns))
+        assert len(prompt.ids) + 64 <= 512
+        assert "The newest question?" in tokenizer.decode(prompt.ids)
+        # The markup of everything, every content, the markup of what is kept.
+        assert counting.calls == 5, (turns, counting.calls)
+        content = sum(len(m["content"]) for m in msgs)
+        markup = 60 * len(msgs)  # placeholders and role headers, twice: a few dozen a message
+        assert counting.chars <= content + markup, (turns, counting.chars, content)
+
+
+def test_history_is_dropped_in_large_steps_so_the_prompt_start_stays(tokenizer):
+    """A growing conversation keeps its prompt's start for many turns, then sheds a quarter.
+
+    A KV prefix cache (issue #11) reuses a prompt only if the next one starts
+    with it; dropping one turn a time changed the start on every turn.
+    """
+    context, reply = 1024, 64
+    step = context // 4
+    msgs = [{"role": "system", "content": "Be brief."}]
+    prompts = []
+    for i in range(60):
+        msgs.append({"role": "user", "content": f"Question {i}: " + "word " * (5 + i % 7)})
+        prompts.append(build_prompt(tokenizer, msgs, reply, context, truncate=True))
+        msgs.append({"role": "assistant", "content": f"Answer {i}: " + "text " * (10 + i % 11)})
+    truncated = [p for p in prompts if p.dropped_turns]
+    assert len(truncated) > 30  # most of the run needs truncating
+    pairs = list(zip(prompts, prompts[1:], strict=False))
+    moved = [(a, b) for a, b in pairs if b.dropped_turns != a.dropped_turns]
+    for a, b in pairs:
+        if b.dropped_turns == a.dropped_turns:
+            assert b.ids[: len(a.ids)] == a.ids  # the whole earlier prompt is reused
+    # A cut sheds about a quarter of the context (less one turn's growth), not one turn.
+    for a, b in moved:
+        assert len(b.ids) <= len(a.ids) - step // 2, (len(a.ids), len(b.ids))
+    # ...so the start moved only every few turns: a quarter of the context is 5-6 turns here.
+    assert moved and len(pairs) - len(moved) >= 4 * len(moved)

@@ -55,6 +55,21 @@ def test_chat_frame_full() -> None:
     )
 
 
+def test_chat_frame_penalties_and_logit_bias() -> None:
+    params = {"presence_penalty": 0.5, "frequency_penalty": -1, "logit_bias": {"42": -100}}
+    frame = parse({"type": "chat", "content": "hi", "params": params})
+    assert frame.params == RequestParams(
+        presence_penalty=0.5, frequency_penalty=-1.0, logit_bias=((42, -100.0),)
+    )
+
+
+def test_chat_frame_ignore_eos() -> None:
+    frame = parse({"type": "chat", "content": "hi", "params": {"ignore_eos": True}})
+    assert frame.params == RequestParams(ignore_eos=True)
+    error = refused(json.dumps({"type": "chat", "content": "hi", "params": {"ignore_eos": 1}}))
+    assert "ignore_eos" in error.message
+
+
 def test_cancel_frames() -> None:
     assert parse({"type": "cancel"}) == CancelFrame(None)
     assert parse({"type": "cancel", "id": "x"}) == CancelFrame("x")
@@ -125,7 +140,7 @@ def test_builders() -> None:
         "type": "done",
         "id": "m1",
         "finish_reason": "length",
-        "usage": {"prompt_tokens": 12, "completion_tokens": 8},
+        "usage": {"prompt_tokens": 12, "completion_tokens": 8, "cached_tokens": 0},
     }
     assert error_frame("queue_full", "full") == {
         "type": "error",

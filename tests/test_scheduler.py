@@ -1,7 +1,8 @@
 """BatchScheduler: pure bookkeeping, tested without torch or processes."""
 
 from chatserver.protocol.worker import SamplingParams
-from chatserver.workers.scheduler import BatchScheduler, Sequence, SlotMove
+from chatserver.workers.kv_cache import KVCacheManager, SlotCopy, SlotSwap
+from chatserver.workers.scheduler import BatchScheduler, Sequence
 
 EOS = 2
 
@@ -77,14 +78,16 @@ def test_context_limit_finishes_with_length():
     assert reasons == [(0, "length")]
 
 
-def test_removal_compacts_slots_with_a_move():
+def test_removal_compacts_slots_with_a_swap_that_keeps_the_leaver_cached():
     s = BatchScheduler(max_batch=4, prefill_chunk=100, max_context=100)
     seqs = [seq(i) for i in range(3)]
     for q in seqs:
         s.add(q)
     run_step(s)
     s.remove(seqs[0])  # e.g. cancelled
-    assert s.take_moves() == [SlotMove(src=2, dst=0, length=4)]  # the new token is not cached yet
+    # 4 prompt positions each (the new token is not cached yet): seq 2 takes slot 0,
+    # seq 0's tokens stay cached in slot 2.
+    assert s.take_ops() == [SlotSwap(a=0, b=2, length=4)]
     assert [q.seq_id for q in s.running] == [2, 1]
     assert [q.slot for q in s.running] == [0, 1]
     plan, _ = run_step(s)
@@ -99,7 +102,7 @@ def test_cancel_waiting_sequence():
     waiting = s.find(1)
     assert waiting is not None and waiting.slot == -1
     s.remove(waiting)
-    assert s.find(1) is None and s.load == 1 and s.take_moves() == []
+    assert s.find(1) is None and s.load == 1 and s.take_ops() == []
 
 
 def test_finish_mid_step_moves_a_later_sequence_with_its_new_length():
@@ -108,8 +111,26 @@ def test_finish_mid_step_moves_a_later_sequence_with_its_new_length():
     s.add(a)
     s.add(b)
     run_step(s)  # a finishes on its first token; b (slot 1) moves to slot 0
-    assert s.take_moves() == [SlotMove(src=1, dst=0, length=4)]
+    assert s.take_ops() == [SlotSwap(a=0, b=1, length=4)]
     assert b.slot == 0
+
+
+def test_a_prompt_starts_after_its_cached_prefix():
+    s = BatchScheduler(
+        max_batch=4, prefill_chunk=100, max_context=100, kv_cache=KVCacheManager(4, 100, 4)
+    )
+    first = Sequence(0, list(range(10, 22)), SamplingParams(max_tokens=1))
+    s.add(first)
+    run_step(s)  # 12 prompt tokens cached, then it finishes
+    again = Sequence(1, list(range(10, 22)) + [5, 6], SamplingParams(max_tokens=1))
+    s.add(again)
+    plan = s.schedule()
+    assert plan.admitted == [again] and again.cached == 12
+    assert [(it.token_ids, it.start) for it in plan.items] == [([5, 6], 12)]
+    shared = Sequence(2, list(range(10, 18)) + [9, 9, 9], SamplingParams(max_tokens=1))
+    s.add(shared)
+    plan = s.schedule()  # the running sequence's first 8 tokens are copied
+    assert s.take_ops() == [SlotCopy(src=0, dst=1, length=8)] and shared.cached == 8
 
 
 def test_unsampleable_row_fails_its_sequence_alone():
@@ -133,12 +154,12 @@ def test_plan_names_sequences_scheduled_for_the_first_time_and_cache_use():
     for i in range(3):
         s.add(seq(i, prompt_len=4))
     plan, _ = run_step(s)  # seq 0 whole, seq 1 its first 2 prompt tokens
-    assert plan.admitted == [0, 1]
+    assert [q.seq_id for q in plan.admitted] == [0, 1]
     assert s.cached_tokens == 4 + 2
     plan, _ = run_step(s)  # seq 0 decodes, seq 1 finishes its prompt; seq 2 waits (max_batch)
     assert plan.admitted == []
     assert s.cached_tokens == 5 + 4
     s.remove(s.running[0])
     plan, _ = run_step(s)
-    assert plan.admitted == [2]
+    assert [q.seq_id for q in plan.admitted] == [2]
     assert s.cached_tokens == 5 + 4

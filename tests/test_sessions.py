@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from chatserver.sessions import SessionStore, SessionStoreUnavailable
+from chatserver.sessions import SessionBusy, SessionStore, SessionStoreUnavailable
 from chatserver.sessions.base import InvalidCursor, valid_session_id
 from chatserver.sessions.memory import MemorySessionStore
 from chatserver.sessions.redis import RedisSessionStore
@@ -237,6 +237,138 @@ async def test_redis_owner_index_drops_gone_sessions_and_expires(
         await redis_client.zadd(index, {"stale": 1.0})  # unused for longer than the TTL
         await store.exists(kept, owner=OWNER)
         assert await redis_client.zrange(index, 0, -1) == [kept]
+    finally:
+        await store.close()
+
+
+def turn(i: int) -> tuple[dict[str, str], dict[str, str]]:
+    return {"role": "user", "content": f"u{i}"}, {"role": "assistant", "content": f"a{i}"}
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_history_cap_drops_oldest_turns_a_quarter_at_once(
+    kind: str, redis_url: str, redis_prefix: str
+) -> None:
+    """--max-history-messages 8: up to 8 kept; past it the newest 6 (three quarters)."""
+    if kind == "memory":
+        store: SessionStore = MemorySessionStore(ttl=60, max_messages=8)
+    else:
+        store = RedisSessionStore(redis_url, ttl=60, prefix=redis_prefix, max_messages=8)
+    try:
+        sid = await store.create(owner=OWNER)
+        kept = []
+        for i in range(7):
+            assert await store.append_turn(sid, *turn(i), owner=OWNER)
+            kept.append([m["content"] for m in await store.messages(sid, owner=OWNER)])
+        assert kept[3] == ["u0", "a0", "u1", "a1", "u2", "a2", "u3", "a3"]
+        assert kept[4] == ["u2", "a2", "u3", "a3", "u4", "a4"]  # 10 > 8: the oldest 2 turns go
+        assert kept[5] == ["u2", "a2", "u3", "a3", "u4", "a4", "u5", "a5"]  # the start stays
+        assert kept[6] == ["u4", "a4", "u5", "a5", "u6", "a6"]
+    finally:
+        await store.close()
+
+
+async def test_no_history_cap_keeps_everything(store: SessionStore) -> None:
+    sid = await store.create(owner=OWNER)
+    for i in range(150):
+        assert await store.append_turn(sid, *turn(i), owner=OWNER)
+    assert len(await store.messages(sid, owner=OWNER)) == 300
+
+
+async def test_turn_lock_runs_a_sessions_turns_one_at_a_time(store: SessionStore) -> None:
+    sid, other = await store.create(owner=OWNER), await store.create(owner=OWNER)
+    events: list[str] = []
+
+    async def one_turn(name: str, session: str, hold: float) -> None:
+        async with store.turn_lock(session, wait=10):
+            events.append(f"{name} in")
+            await asyncio.sleep(hold)
+            events.append(f"{name} out")
+
+    first = asyncio.create_task(one_turn("first", sid, 0.3))
+    await asyncio.sleep(0.05)
+    # Another session is not held up; the same session waits its turn, in order.
+    await asyncio.gather(
+        one_turn("second", sid, 0.0), one_turn("third", sid, 0.0), one_turn("x", other, 0.0)
+    )
+    await first
+    assert events == [
+        "first in",
+        "x in",
+        "x out",
+        "first out",
+        "second in",
+        "second out",
+        "third in",
+        "third out",
+    ]
+
+
+async def test_turn_lock_wait_is_bounded_and_can_be_given_up(store: SessionStore) -> None:
+    sid = await store.create(owner=OWNER)
+    async with store.turn_lock(sid, wait=1):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(SessionBusy):
+            async with store.turn_lock(sid, wait=0.2):
+                pytest.fail("entered a held session")
+        assert 0.2 <= loop.time() - started < 1.0
+        waiter = asyncio.create_task(store.turn_lock(sid, wait=None).__aenter__())
+        await asyncio.sleep(0.1)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+    # Neither the timed-out nor the cancelled waiter kept anything: the session is free.
+    async with asyncio.timeout(1):
+        async with store.turn_lock(sid, wait=0.5):
+            pass
+
+
+async def test_redis_turn_lock_holds_across_servers_and_outlives_its_ttl(
+    redis_url: str, redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """Two stores on one Redis (two servers): one turn at a time, however long it runs."""
+    a = RedisSessionStore(redis_url, ttl=60, prefix=redis_prefix, lock_ttl=0.3)
+    b = RedisSessionStore(redis_url, ttl=60, prefix=redis_prefix, lock_ttl=0.3)
+    try:
+        sid = await a.create(owner=OWNER)
+        lock_key = f"{redis_prefix}session:{sid}:lock"
+        events: list[str] = []
+        async with a.turn_lock(sid, wait=5):
+            assert 0 < await redis_client.pttl(lock_key) <= 300
+            waiter = asyncio.create_task(held(b, sid, events))
+            await asyncio.sleep(1.0)  # three times the lock's TTL: renewed meanwhile
+            assert events == [] and 0 < await redis_client.pttl(lock_key) <= 300
+            events.append("a out")
+        await asyncio.wait_for(waiter, 2)
+        assert events == ["a out", "b in"]
+        assert not await redis_client.exists(lock_key)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def held(store: SessionStore, sid: str, events: list[str]) -> None:
+    async with store.turn_lock(sid, wait=5):
+        events.append("b in")
+
+
+async def test_redis_turn_lock_of_a_vanished_server_expires_and_is_never_stolen(
+    redis_url: str, redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    store = RedisSessionStore(redis_url, ttl=60, prefix=redis_prefix)
+    try:
+        sid = await store.create(owner=OWNER)
+        lock_key = f"{redis_prefix}session:{sid}:lock"
+        # A server died holding the lock: it is free once its expiry passes.
+        await redis_client.set(lock_key, "dead-server", px=400)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with store.turn_lock(sid, wait=5):
+            assert loop.time() - started >= 0.3
+            # Our lock expired and another server took it: leaving must not free theirs.
+            await redis_client.set(lock_key, "next-holder", px=5000)
+        assert await redis_client.get(lock_key) == "next-holder"
     finally:
         await store.close()
 

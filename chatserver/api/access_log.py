@@ -4,12 +4,20 @@ A session id is a bearer credential (whoever has it reads the conversation)
 and it travels in URLs (`/ws?session_id=…`, `/v1/sessions/{id}`), which
 aiohttp's access log writes at INFO; so may an API key (`/ws?api_key=…`, for
 browsers). This filter rewrites each line before it is emitted.
+
+A request aiohttp cannot parse (a control character in its URL, a broken
+header) never reaches the app: aiohttp answers 400 itself and logs the error
+at ERROR with a traceback that quotes the raw request line, keys and session
+ids included. That is the client's fault, and anyone can send it; it becomes
+one INFO line naming the error only.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+
+from aiohttp.http_exceptions import HttpProcessingError
 
 REDACTED = "<redacted>"
 _PATTERNS = (
@@ -32,8 +40,26 @@ class RedactSessionIds(logging.Filter):
         return True
 
 
-def install(logger_name: str = "aiohttp.access") -> None:
-    """Add the filter once to aiohttp's access logger."""
+class UnparsedRequests(logging.Filter):
+    """aiohttp.server's record of a request it could not parse, as one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True  # the server's own failures keep their level and traceback
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.msg = "unparseable HTTP request from %s: %d %s"
+        record.args = (remote, error.code, type(error).__name__)
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+
+
+def install(logger_name: str = "aiohttp.access", server_logger: str = "aiohttp.server") -> None:
+    """Add the filters once to aiohttp's access and server loggers."""
     logger = logging.getLogger(logger_name)
     if not any(isinstance(f, RedactSessionIds) for f in logger.filters):
         logger.addFilter(RedactSessionIds())
+    logger = logging.getLogger(server_logger)
+    if not any(isinstance(f, UnparsedRequests) for f in logger.filters):
+        logger.addFilter(UnparsedRequests())

@@ -31,6 +31,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from chatserver.api.errors import error_response
+from chatserver.api.request_id import request_id_of
 from chatserver.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -183,10 +184,16 @@ def route_path(request: web.Request) -> str | None:
     """The matched route's pattern (``/static/{name}``), None when no route matched.
 
     Deciding by the route the router chose, not by the request's path, leaves
-    no spelling of a protected path that passes for a public one.
+    no spelling of a protected path that passes for a public one. A path whose
+    route does not take the method stands for itself: no handler runs, the
+    answer is 405 either way, and a public route's (POST /healthz) needs no key.
     """
     resource = request.match_info.route.resource
-    return None if resource is None else resource.canonical
+    if resource is not None:
+        return resource.canonical
+    if isinstance(getattr(request.match_info, "http_exception", None), web.HTTPMethodNotAllowed):
+        return request.path
+    return None
 
 
 def is_public(route: str | None, path: str, metrics_auth: bool) -> bool:
@@ -234,9 +241,13 @@ def presented_keys(request: web.Request) -> list[str]:
     return keys
 
 
-def unauthorized(message: str, *, openai: bool, wrong_key: bool) -> web.Response:
+def unauthorized(
+    request: web.Request, message: str, *, openai: bool, wrong_key: bool
+) -> web.Response:
     """401 with the usual error body (OpenAI's shape where asked) and WWW-Authenticate."""
-    response = error_response(ApiError(401, "unauthorized", message), openai=openai)
+    response = error_response(
+        ApiError(401, "unauthorized", message), openai=openai, request_id=request_id_of(request)
+    )
     challenge = 'Bearer realm="chatserver"'
     if wrong_key:
         challenge += ', error="invalid_token"'
@@ -263,7 +274,7 @@ def auth_middleware(
             if route == WEBSOCKET_PATH:
                 return await handler(request)  # the first frame must carry the key
             log.debug("%s %s: no API key", request.method, request.path)
-            return unauthorized(MISSING_KEY, openai=is_openai(request), wrong_key=False)
+            return unauthorized(request, MISSING_KEY, openai=is_openai(request), wrong_key=False)
         found = {keys.lookup(candidate) for candidate in candidates}
         if None in found or len(found) != 1:
             log.info(
@@ -272,7 +283,7 @@ def auth_middleware(
                 request.path,
                 ", ".join(fingerprint(c) for c in candidates),
             )
-            return unauthorized(WRONG_KEY, openai=is_openai(request), wrong_key=True)
+            return unauthorized(request, WRONG_KEY, openai=is_openai(request), wrong_key=True)
         request[PRINCIPAL] = found.pop()  # type: ignore[assignment]
         return await handler(request)
 

@@ -32,7 +32,7 @@ from chatserver.errors import ApiError, bad_request, retry_after_seconds
 from chatserver.limits.admission import ServerBusy
 from chatserver.limits.rate import REQUESTS, RateLimited
 from chatserver.protocol.json_input import JsonInputError, loads_strict
-from chatserver.sessions import SessionStoreUnavailable
+from chatserver.sessions import SessionBusy, SessionStoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def to_api_error(exc: BaseException, request: web.Request | None = None) -> ApiE
         return ApiError(503, "worker_failed", str(exc), retry_after=WORKER_RETRY_AFTER_S)
     if isinstance(exc, ReplyInterrupted):
         return ApiError(503, "interrupted", str(exc), retry_after=WORKER_RETRY_AFTER_S)
-    if isinstance(exc, RequestTimedOut):
+    if isinstance(exc, RequestTimedOut | SessionBusy):
         return ApiError(504, "request_timeout", str(exc))
     if isinstance(exc, GenerationFailed):
         return ApiError(500, "generation_failed", str(exc))

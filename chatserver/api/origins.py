@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from chatserver.api.errors import error_response
+from chatserver.api.request_id import request_id_of
 from chatserver.errors import ApiError
 
 PREFLIGHT_MAX_AGE_S = 600
@@ -65,7 +66,7 @@ def cors_middleware(origins: frozenset[str]) -> Middleware:
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             if not listed:  # outside the error middleware: answer here
                 refused = ApiError(403, "origin_not_allowed", f"origin {origin!r} is not allowed")
-                return error_response(refused, openai=False)
+                return error_response(refused, openai=False, request_id=request_id_of(request))
             return web.Response(
                 status=204,
                 headers={

@@ -84,12 +84,17 @@ class _Job:
     cancelled: bool = False
     client_gone: bool = False  # cancelled because the socket closed
     stream: GenerationStream | None = None  # once generation started
+    task: asyncio.Task[None] | None = None  # answering it, once taken from the queue
 
     def cancel(self, client_gone: bool = False) -> None:
         self.cancelled = True
         self.client_gone = client_gone
         if self.stream is not None:
             self.stream.cancel(client_gone)
+        elif self.task is not None:
+            # Not started (waiting for its session's previous turn, a slot, its
+            # prompt): stop waiting; there is nothing to store.
+            self.task.cancel()
 
 
 class ChatSocket:
@@ -182,7 +187,9 @@ class ChatSocket:
         if isinstance(frame, AuthFrame):
             # Already authenticated: the same key again is harmless, another one is not.
             if self.keys.lookup(frame.api_key) != self.caller:
-                await refuse(self.ws, frame.id, "the API key is not valid for this socket")
+                await refuse(
+                    self.ws, frame.id, "the API key is not valid for this socket", self.request_id
+                )
         elif isinstance(frame, CancelFrame):
             await self._cancel(frame.id)
         else:
@@ -244,8 +251,15 @@ class ChatSocket:
                 await self._wakeup.wait()
                 continue
             job = self._running = self._pending.popleft()
+            job.task = asyncio.create_task(self._answer(job))
             try:
-                await self._answer(job)
+                await job.task
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not job.cancelled or (task is not None and task.cancelling()):
+                    raise
+                # Cancelled before its reply started: answered like a queued one.
+                await self._send(done_frame(job.id, "cancelled", 0, 0))
             except Exception as exc:  # one message failing must not stop the socket
                 await self._send_error(exc, job.id)
             finally:
@@ -287,6 +301,7 @@ class ChatSocket:
                 stream.prompt_tokens,
                 stream.completion_tokens,
                 turn.stored,
+                cached_tokens=stream.cached_tokens,
             )
         )
 
@@ -306,19 +321,22 @@ class ChatSocket:
                 log.error("websocket answer loop failed", exc_info=answers.exception())
 
 
-async def refuse(ws: web.WebSocketResponse, frame_id: str | None, message: str) -> None:
+async def refuse(
+    ws: web.WebSocketResponse, frame_id: str | None, message: str, request_id: str | None
+) -> None:
     """The auth contract's answer to a missing or wrong key: an error frame, then 4401."""
     if ws.closed:
         return
     try:
-        await ws.send_str(encode(error_frame("unauthorized", message, frame_id)))
+        frame = error_frame("unauthorized", message, frame_id, request_id=request_id)
+        await ws.send_str(encode(frame))
         await ws.close(code=CLOSE_UNAUTHORIZED, message=b"unauthorized")
     except ConnectionError:
         pass
 
 
 async def authenticate(
-    ws: web.WebSocketResponse, keys: KeyRing, settings: Settings
+    ws: web.WebSocketResponse, keys: KeyRing, settings: Settings, request_id: str | None
 ) -> Principal | None:
     """Wait for a valid auth frame; None when the socket was refused or went away."""
     loop = asyncio.get_running_loop()
@@ -343,19 +361,20 @@ async def authenticate(
                     found = keys.lookup(frame.api_key)
                     if found is None:
                         log.info("/ws auth frame: refused API key %s", fingerprint(frame.api_key))
-                        await refuse(ws, frame.id, "the API key is not valid")
+                        await refuse(ws, frame.id, "the API key is not valid", request_id)
                     return found
                 frame_id = frame.id
         refused = error_frame(
             "unauthorized",
             'this server needs an API key: send {"type": "auth", "api_key": ...} first',
             frame_id,
+            request_id=request_id,
         )
         try:
             await ws.send_str(encode(refused))
         except ConnectionError:
             return None
-    await refuse(ws, "auth", f"no API key was sent within {AUTH_TIMEOUT_S:g} s")
+    await refuse(ws, "auth", f"no API key was sent within {AUTH_TIMEOUT_S:g} s", request_id)
     return None
 
 
@@ -371,12 +390,21 @@ async def chat_ws(request: web.Request) -> web.WebSocketResponse:
         compress=False,
         protocols=websocket_protocols(request),
     )
-    await ws.prepare(request)
+    try:
+        await ws.prepare(request)
+    except web.HTTPBadRequest as exc:  # a plain GET, or a broken handshake
+        detail = " ".join((exc.text or "").split())
+        raise ApiError(
+            400,
+            "invalid_upgrade",
+            "/ws takes WebSocket upgrades only (Upgrade: websocket, Connection: Upgrade, "
+            f"Sec-WebSocket-Version: 13, Sec-WebSocket-Key): {detail}",
+        ) from None
     sockets = request.app[WEBSOCKETS]
     sockets.add(ws)
     try:
         if keys.required and PRINCIPAL not in request:
-            found = await authenticate(ws, keys, settings)
+            found = await authenticate(ws, keys, settings, request_id_of(request))
             if found is None:
                 return ws
             request[PRINCIPAL] = found

@@ -1,10 +1,11 @@
 """InferenceEngine: the async front of inference.
 
 It turns chat messages into token ids (in a thread pool), hands sequences to
-the least-loaded worker, turns the token ids that come back into text (in the
-same thread pool, one job per worker step for all its sequences), applies stop
-strings, and feeds each client's `GenerationStream`. Workers only ever see
-token ids.
+the worker caching the longest prefix of the prompt (else the least-loaded
+one), turns the token ids that come back into text (in a lane of its own, one
+job per worker step for all its sequences, so prompt work never delays a
+token), applies stop strings, and feeds each client's `GenerationStream`.
+Workers only ever see token ids.
 
 Public API used by the API layer:
 
@@ -41,10 +42,10 @@ import logging
 import os
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections import OrderedDict, defaultdict
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from chatserver.config import DEFAULT_MODEL_NAME, Settings
 from chatserver.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -73,8 +74,10 @@ from chatserver.protocol.worker import (
 )
 from chatserver.workers import quality_gate
 from chatserver.workers.host import WorkerHost
+from chatserver.workers.kv_cache import block_hashes
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _END = object()
 # A worker that keeps dying (out of memory at load, say) is restarted after a
@@ -83,25 +86,53 @@ _END = object()
 RESTART_WINDOW_S = 60.0
 RESTARTS_AT_ONCE = 2
 RESTART_DELAY_MAX_S = 30.0  # the first delay is --worker-restart-delay
+# Block hashes whose worker the engine remembers for prefix affinity (_place):
+# 16-token blocks, so about a million tokens of conversations.
+BLOCK_OWNERS_KEPT = 1 << 16
 # How often the stall watchdog looks at the workers.
 WATCHDOG_PERIOD_S = 0.5
 
 
+def _device_memory(device: str) -> int:
+    """Bytes of memory on `device` that KV caches share: RAM for the CPU, else the GPU's."""
+    if device.startswith("cuda"):
+        import torch
+
+        try:
+            return torch.cuda.get_device_properties(torch.device(device)).total_memory
+        except (AssertionError, RuntimeError):  # no such device: the worker will say so
+            return 0  # no budget (kv_cache_for's slot cap alone)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+CancelCallback = Callable[["GenerationStream", bool, str], None]
+
+
 class GenerationStream:
-    """One sequence's text as it is generated; iterate for deltas."""
+    """One sequence's text as it is generated; iterate for deltas.
+
+    It knows nothing of the engine: how to stop its sequence comes in as a
+    callback, so the API layer can hold streams (and tests can make them)
+    without an engine behind them.
+    """
 
     def __init__(
         self,
-        engine: InferenceEngine,
         seq_id: int,
         prompt: Prompt,
         stops: tuple[str, ...],
         ticket: Ticket,
+        *,
+        tokenizer: Any,
+        cancel: CancelCallback,
+        request_timeout: float = 0.0,
     ):
+        """``cancel(stream, client_gone, reason)`` stops its sequence wherever it runs."""
         self.id = uuid.uuid4().hex
         self.seq_id = seq_id
         self.worker_id = -1
         self.prompt_tokens = len(prompt.ids)
+        self.cached_tokens = 0  # of the prompt's, found in the worker's prefix cache
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.text = ""
@@ -109,11 +140,14 @@ class GenerationStream:
         self.started_at = time.monotonic()  # generate(): where latencies start
         self.scheduled = False  # a worker step has taken it into its batch
         self.last_token_at = 0.0  # when its latest tokens were delivered; 0: none yet
-        self._engine = engine
+        self._cancel_sequence = cancel
+        self.request_timeout = request_timeout
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.detokenizer = IncrementalDetokenizer(engine.tokenizer)
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.matcher = StopStringMatcher(stops)
         self.ticket = ticket
+        self.prompt_ids = prompt.ids
+        self.output_ids: list[int] = []  # as the worker sampled them (for prefix affinity)
         self.deadline: asyncio.TimerHandle | None = None
         self.request: GenerateRequest | None = None  # as sent to its worker
 
@@ -137,7 +171,7 @@ class GenerationStream:
         ``client_gone``: the client disconnected (not an explicit cancel), which
         requests_dropped_total counts.
         """
-        self._engine._cancel(self, client_gone)
+        self._cancel_sequence(self, client_gone, "cancelled")
 
     def interrupt(self) -> None:
         """Stop generating because the server stops: finish_reason 'interrupted'.
@@ -145,7 +179,7 @@ class GenerationStream:
         Not 'stop' nor 'cancelled': the reply was cut short by the server, not
         finished by the model or dropped by its client.
         """
-        self._engine._cancel(self, reason="interrupted")
+        self._cancel_sequence(self, False, "interrupted")
 
     def check(self) -> None:
         """Raise the domain error of a reply that did not end as a reply should.
@@ -159,7 +193,7 @@ class GenerationStream:
         if self.finish_reason == "worker_failed":
             raise WorkerLost()
         if self.finish_reason == "timeout":
-            raise RequestTimedOut(self._engine.settings.request_timeout)
+            raise RequestTimedOut(self.request_timeout)
 
     async def with_keepalive(self, interval: float) -> AsyncIterator[str | None]:
         """The deltas, with None after each ``interval`` seconds without one (0: never).
@@ -240,6 +274,9 @@ class InferenceEngine:
         self._executor = ThreadPoolExecutor(
             settings.tokenizer_threads, thread_name_prefix="tokenizer"
         )
+        # Detokenizing is on every stream's critical path: its own lane, so prompt
+        # work (a 1 MiB message, a 150-turn history) never queues in front of it.
+        self._detokenize = ThreadPoolExecutor(1, thread_name_prefix="detokenize")
         self._workers: dict[int, WorkerHost] = {}
         self._ready: set[int] = set()
         self._load: dict[int, int] = defaultdict(int)
@@ -259,6 +296,9 @@ class InferenceEngine:
         self._admission = AdmissionQueue(max(0, settings.max_queue))
         self._scheduled = 0  # live streams some worker step has taken into its batch
         self._kv_cache: dict[int, tuple[int, int]] = {}  # worker -> (used, allocated)
+        # worker -> its KV cache's latest figures (StepOutput's kv_* and prefix_*).
+        self._prefix_cache: dict[int, dict[str, int]] = {}
+        self._block_owner: OrderedDict[int, int] = OrderedDict()  # block hash -> worker
         self.metrics.read_gauges(
             running=lambda: self._scheduled,
             waiting=lambda: len(self._streams) - self._scheduled,
@@ -284,6 +324,8 @@ class InferenceEngine:
                 state["restart_in_s"] = round(max(0.0, self._restart_at[wid] - now), 1)
             else:
                 state["state"] = "loading"
+            if wid in self._prefix_cache:
+                state["kv_cache"] = self._prefix_cache[wid]
             states.append(state)
         return states
 
@@ -421,6 +463,12 @@ class InferenceEngine:
                 quality_max_ppl_ratio=s.quality_max_ppl_ratio,
                 quality_min_top1=s.quality_min_top1,
                 probe_ids=probe,
+                kv_cache_bytes=s.kv_cache_budget(
+                    _device_memory(worker_device),
+                    devices.count(worker_device),
+                    gpu=worker_device.startswith("cuda"),
+                ),
+                prefix_cache=s.prefix_cache,
             )
             for worker_device in devices
         ]
@@ -444,6 +492,7 @@ class InferenceEngine:
         for task in self._pumps:
             task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._detokenize.shutdown(wait=False, cancel_futures=True)
 
     # --- requests ------------------------------------------------------------
     def admit(self) -> Ticket:
@@ -484,9 +533,7 @@ class InferenceEngine:
         if self.tokenizer is None:
             raise NotReady("the model is still loading")
         wanted = max_tokens or self.settings.default_max_tokens
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor,
+        return await self.run_in_tokenizer_pool(
             build_prompt,
             self.tokenizer,
             messages,
@@ -496,6 +543,10 @@ class InferenceEngine:
             self.max_token_chars,
         )
 
+    async def run_in_tokenizer_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run prompt work (templating, tokenizing) in the tokenizer threads, off the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
     def sampling_params(self, prompt: Prompt, req: RequestParams) -> SamplingParams:
         wanted = req.max_tokens or self.settings.default_max_tokens
         return SamplingParams(
@@ -504,7 +555,10 @@ class InferenceEngine:
             top_p=self.default_top_p if req.top_p is None else req.top_p,
             top_k=self.default_top_k if req.top_k is None else req.top_k,
             seed=req.seed,
-            stop_token_ids=self.stop_token_ids,
+            stop_token_ids=() if req.ignore_eos else self.stop_token_ids,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            logit_bias=req.logit_bias,
         )
 
     def generate(
@@ -517,13 +571,21 @@ class InferenceEngine:
         if ticket is None:
             ticket = self.admit()
         seq_id = next(self._seq_ids)
-        stream = GenerationStream(self, seq_id, prompt, req.stop, ticket)
+        stream = GenerationStream(
+            seq_id,
+            prompt,
+            req.stop,
+            ticket,
+            tokenizer=self.tokenizer,
+            cancel=self._cancel,
+            request_timeout=self.settings.request_timeout,
+        )
         timeout = self.settings.request_timeout
         if timeout > 0 and self._loop is not None:
             # Time in the queue counts: the deadline runs from admission.
             when = self._loop.time() + timeout - (time.monotonic() - ticket.admitted_at)
             stream.deadline = self._loop.call_at(when, self._expire, stream)
-        worker_id = min(serving, key=lambda w: self._load[w])
+        worker_id = self._place(prompt.ids, serving)
         if not self._load[worker_id]:
             self._last_progress[worker_id] = time.monotonic()  # the stall clock starts
         stream.worker_id = worker_id
@@ -533,6 +595,41 @@ class InferenceEngine:
         stream.request = GenerateRequest(seq_id, prompt.ids, self.sampling_params(prompt, req))
         self._workers[worker_id].send(stream.request)
         return stream
+
+    def _place(self, prompt_ids: list[int], serving: list[int]) -> int:
+        """The worker for a new sequence: the one caching its longest prefix, unless busier.
+
+        Session affinity without sessions: the engine remembers which worker
+        last held each block of each finished sequence (content-addressed, the
+        workers' own block hashes), so a conversation's next turn, whatever
+        API it came through, goes where its history is cached. That worker is
+        passed over when it runs AFFINITY_SLACK or more sequences beyond the
+        least-loaded one: recomputing a prefix costs less than queueing.
+        """
+        least = min(serving, key=lambda w: self._load[w])
+        if len(serving) == 1 or not self.settings.prefix_cache:
+            return least
+        holder = -1
+        for h in block_hashes(prompt_ids):
+            owner = self._block_owner.get(h)
+            if owner is None:
+                break
+            holder = owner
+        slack = max(2, self.max_running // 4)
+        if holder in serving and self._load[holder] - self._load[least] < slack:
+            return holder
+        return least
+
+    def _remember_blocks(self, stream: GenerationStream) -> None:
+        """Record that the stream's worker now caches its prompt and reply (see _place)."""
+        if len(self._workers) < 2 or not self.settings.prefix_cache:
+            return
+        owners = self._block_owner
+        for h in block_hashes(stream.prompt_ids + stream.output_ids):
+            owners[h] = stream.worker_id
+            owners.move_to_end(h)
+        while len(owners) > BLOCK_OWNERS_KEPT:
+            owners.popitem(last=False)
 
     def _cancel(
         self, stream: GenerationStream, client_gone: bool = False, reason: str = "cancelled"
@@ -563,6 +660,8 @@ class InferenceEngine:
                 self._scheduled -= 1
             self.metrics.e2e_request_latency.observe(time.monotonic() - stream.started_at)
             self.metrics.request_success.labels(reason).inc()
+            if reason in ("stop", "length", "cancelled") and stream.scheduled:
+                self._remember_blocks(stream)
         if stream.deadline is not None:
             stream.deadline.cancel()
         stream.ticket.release(completed=reason in ("stop", "length"))
@@ -607,15 +706,28 @@ class InferenceEngine:
         """A worker step's own figures, and the end of the queue time of what it scheduled."""
         metrics = self.metrics
         self._kv_cache[out.worker_id] = (out.kv_used, out.kv_allocated)
+        seen = self._prefix_cache.get(out.worker_id)
+        if seen is None or out.prefix_queries < seen.get("prefix_queries", 0):
+            seen = {}  # a restarted worker counts from 0 again
+        metrics.prefix_cache_queries.inc(out.prefix_queries - seen.get("prefix_queries", 0))
+        metrics.prefix_cache_hits.inc(out.prefix_hits - seen.get("prefix_hits", 0))
+        self._prefix_cache[out.worker_id] = {
+            "prefix_queries": out.prefix_queries,
+            "prefix_hits": out.prefix_hits,
+            "kv_used": out.kv_used,
+            "kv_retained": out.kv_retained,
+            "kv_budget": out.kv_allocated,
+        }
         if not out.batch_size:
             return
         metrics.worker_step.observe(out.step_seconds)
         metrics.batch_size.observe(out.batch_size)
         # The step began step_seconds before its output arrived (less the pipe's delay).
         step_began = time.monotonic() - out.step_seconds
-        for seq_id in out.started:
+        for seq_id, cached in out.started:
             stream = self._streams.get(seq_id)
             if stream is not None and not stream.scheduled:
+                stream.cached_tokens = cached
                 stream.scheduled = True
                 self._scheduled += 1
                 metrics.request_queue_time.observe(max(0.0, step_began - stream.started_at))
@@ -692,7 +804,7 @@ class InferenceEngine:
                     host.kill()
 
     async def _pump(self, worker_id: int) -> None:
-        """Detokenize one worker's steps in order, in the thread pool, and deliver them."""
+        """Detokenize one worker's steps in order, in the detokenize lane, and deliver them."""
         queue = self._outputs[worker_id]
         loop = asyncio.get_running_loop()
         while True:
@@ -700,7 +812,7 @@ class InferenceEngine:
             while not queue.empty():
                 batch.append(queue.get_nowait())
             try:
-                events = await loop.run_in_executor(self._executor, self._decode_steps, batch)
+                events = await loop.run_in_executor(self._detokenize, self._decode_steps, batch)
             except RuntimeError:  # executor shut down
                 return
             self._deliver(events)
@@ -716,6 +828,7 @@ class InferenceEngine:
                 stream = self._streams.get(seq_id)
                 if stream is None or stream.finished:
                     continue
+                stream.output_ids.extend(tokens)
                 text, stopped = stream.matcher.feed(stream.detokenizer.add(tokens))
                 events.append(("tokens", stream, text, len(tokens), stopped))
             for seq_id, reason in out.finished:

@@ -9,12 +9,23 @@ A row that cannot be sampled (non-finite logits, a sampling error) yields
 None: that sequence fails alone, never the whole step. Scores are shifted by
 their maximum before the temperature divides them, so no temperature the API
 accepts can overflow to inf or NaN.
+
+A sequence with OpenAI's ``logit_bias``, ``presence_penalty`` or
+``frequency_penalty`` keeps one vector of offsets added to its raw logits
+before anything else (greedy or sampled): the bias, less ``frequency_penalty``
+for every time a token was generated and ``presence_penalty`` once a token has
+been. It is built at its first step and updated in place by one element per
+sampled token, so a step costs such a row one vector add; the generated tokens
+are the ones this sampler chose (every one joins its sequence, or ends it), so
+no counts cross the process boundary. Rows without these settings take the
+batch's shared argmax as before and keep no state here.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,13 +34,28 @@ from chatserver.protocol.worker import SamplingParams
 log = logging.getLogger(__name__)
 
 
+def adjusts_logits(p: SamplingParams) -> bool:
+    """Whether a sequence's logits get offsets (a bias or penalties) before sampling."""
+    return bool(p.logit_bias or p.presence_penalty or p.frequency_penalty)
+
+
+@dataclass(slots=True)
+class Offsets:
+    """One sequence's additions to its logits: its logit_bias, less its penalties so far."""
+
+    values: torch.Tensor  # float32, one per vocabulary entry
+    seen: set[int] = field(default_factory=set)  # tokens generated at least once
+
+
 class Sampler:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.generators: dict[int, torch.Generator] = {}
+        self.offsets: dict[int, Offsets] = {}
 
     def forget(self, seq_id: int) -> None:
         self.generators.pop(seq_id, None)
+        self.offsets.pop(seq_id, None)
 
     def _generator(self, seq_id: int, seed: int | None) -> torch.Generator:
         gen = self.generators.get(seq_id)
@@ -51,13 +77,47 @@ class Sampler:
             if not finite[row]:
                 log.error("sequence %d: non-finite logits; failing it alone", seq_id)
                 chosen[row] = None
-            elif not p.greedy:
-                try:
-                    chosen[row] = self._sample_row(logits[row], seq_id, p)
-                except RuntimeError:
-                    log.exception("sequence %d: sampling failed; failing it alone", seq_id)
-                    chosen[row] = None
+                continue
+            adjusted = adjusts_logits(p)
+            if p.greedy and not adjusted:
+                continue  # the shared argmax
+            try:
+                scores = logits[row]
+                if adjusted:
+                    offsets = self._offsets(seq_id, p, scores.shape[-1])
+                    scores = scores.float() + offsets.values
+                token = int(scores.argmax()) if p.greedy else self._sample_row(scores, seq_id, p)
+                if adjusted:
+                    self._penalize(offsets, token, p)
+                chosen[row] = token
+            except RuntimeError:
+                log.exception("sequence %d: sampling failed; failing it alone", seq_id)
+                chosen[row] = None
         return chosen
+
+    def _offsets(self, seq_id: int, p: SamplingParams, vocab: int) -> Offsets:
+        offsets = self.offsets.get(seq_id)
+        if offsets is None:
+            values = torch.zeros(vocab, dtype=torch.float32, device=self.device)
+            # The API checks ids against the tokenizer; ids past the logits are dropped.
+            pairs = [(i, b) for i, b in p.logit_bias if i < vocab]
+            if pairs:
+                ids, biases = zip(*pairs, strict=True)
+                values[list(ids)] = torch.tensor(biases, dtype=torch.float32, device=self.device)
+            offsets = self.offsets[seq_id] = Offsets(values)
+        return offsets
+
+    @staticmethod
+    def _penalize(offsets: Offsets, token: int, p: SamplingParams) -> None:
+        """Count one generated token: frequency_penalty each time, presence_penalty once."""
+        if not (p.frequency_penalty or p.presence_penalty):
+            return  # a logit_bias alone
+        penalty = p.frequency_penalty
+        if token not in offsets.seen:
+            offsets.seen.add(token)
+            penalty += p.presence_penalty
+        if penalty:
+            offsets.values[token] -= penalty
 
     def _sample_row(self, logits: torch.Tensor, seq_id: int, p: SamplingParams) -> int:
         scores = (logits - logits.max()) / p.temperature  # <= 0 everywhere, 0 at the top

@@ -11,6 +11,28 @@ from chatserver.errors import bad_request
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 64
+# OpenAI's bounds: a penalty of 2 already all but bans a token; a bias of +-100
+# bans or forces one outright. Entries are bounded so a request's cost in the
+# worker is too.
+MAX_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 300
+# The names parse_request_params reads (besides a ``max_tokens_key`` of its own):
+# the endpoints that refuse unknown parameters accept exactly these.
+PARAM_NAMES = frozenset(
+    {
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "ignore_eos",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +45,14 @@ class RequestParams:
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # (token id, bias) pairs, ids ascending; checked against the vocabulary by
+    # the API that knows it.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # vLLM's extension: generate until max_tokens (or a stop string), past the
+    # model's end-of-sequence token. For benchmarks and tests of long replies.
+    ignore_eos: bool = False
 
 
 def _number(raw: Mapping[str, Any], name: str, lo: float, hi: float) -> float | None:
@@ -40,11 +70,58 @@ def _integer(raw: Mapping[str, Any], name: str, lo: int, hi: int) -> int | None:
     value = raw.get(name)
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one kind of number: 4.0 is the integer 4
     if isinstance(value, bool) or not isinstance(value, int):
         raise bad_request("invalid_parameter", f"'{name}' must be an integer", name)
     if not lo <= value <= hi:
         raise bad_request("invalid_parameter", f"'{name}' must be between {lo} and {hi}", name)
     return value
+
+
+def _logit_bias(raw: Mapping[str, Any]) -> tuple[tuple[int, float], ...]:
+    """``{"<token id>": bias}`` (JSON keys are strings; OpenAI's form) as sorted pairs."""
+    value = raw.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise bad_request(
+            "invalid_parameter", "'logit_bias' must map token ids to numbers", "logit_bias"
+        )
+    if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise bad_request(
+            "invalid_parameter",
+            f"'logit_bias' takes at most {MAX_LOGIT_BIAS_ENTRIES} entries",
+            "logit_bias",
+        )
+    pairs = []
+    for key, bias in value.items():
+        # One spelling per id ("7", not "07"), so no id appears twice.
+        if not (
+            isinstance(key, str)
+            and key.isascii()
+            and key.isdigit()
+            and len(key) <= 9
+            and str(int(key)) == key
+        ):
+            raise bad_request(
+                "invalid_parameter",
+                f"'logit_bias' keys must be token ids (decimal strings), not {key!r}",
+                "logit_bias",
+            )
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not math.isfinite(bias):
+            raise bad_request(
+                "invalid_parameter", f"'logit_bias' values must be numbers ({key!r})", "logit_bias"
+            )
+        if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise bad_request(
+                "invalid_parameter",
+                f"'logit_bias' values must be between {-MAX_LOGIT_BIAS} and {MAX_LOGIT_BIAS} "
+                f"({key!r}: {bias})",
+                "logit_bias",
+            )
+        pairs.append((int(key), float(bias)))
+    return tuple(sorted(pairs))
 
 
 def parse_request_params(
@@ -76,4 +153,17 @@ def parse_request_params(
         top_k=_integer(raw, "top_k", 0, 1 << 20),
         seed=_integer(raw, "seed", -(1 << 63), (1 << 63) - 1),
         stop=stops,
+        presence_penalty=_number(raw, "presence_penalty", -MAX_PENALTY, MAX_PENALTY) or 0.0,
+        frequency_penalty=_number(raw, "frequency_penalty", -MAX_PENALTY, MAX_PENALTY) or 0.0,
+        logit_bias=_logit_bias(raw),
+        ignore_eos=_flag(raw, "ignore_eos"),
     )
+
+
+def _flag(raw: Mapping[str, Any], name: str) -> bool:
+    value = raw.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad_request("invalid_parameter", f"'{name}' must be true or false", name)
+    return value

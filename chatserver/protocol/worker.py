@@ -30,6 +30,11 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    # OpenAI's penalties, on the counts of the tokens generated so far, and
+    # logit_bias as (token id, bias) pairs; added to the logits before anything else.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -84,23 +89,30 @@ class StepOutput:
 
     The rest is what the server's metrics need from the worker (chatserver/metrics.py),
     carried here so no worker writes metrics of its own:
-    ``started``: seq_ids scheduled for the first time this step (their queue
-    time ends when it began); ``batch_size``: sequences in the step (0 when no
-    forward pass ran, only finishes are reported); ``step_seconds``: the
-    step's forward pass and sampling; ``kv_used`` / ``kv_allocated``: token
-    positions of the worker's KV cache holding live sequences after the step,
-    and positions allocated (0 allocated: the runner's cache grows per
-    sequence and has no fixed allocation to compare with).
+    ``started``: (seq_id, prompt tokens found in the prefix cache) of the
+    sequences scheduled for the first time this step (their queue time ends
+    when it began); ``batch_size``: sequences in the step (0 when no forward
+    pass ran, only finishes are reported); ``step_seconds``: the step's
+    forward pass and sampling; ``kv_used`` / ``kv_allocated``: token positions
+    of the worker's KV cache holding running sequences after the step, and
+    the positions its memory budget holds (0: the runner's cache grows per
+    sequence and has no budget to compare with); ``kv_retained``: positions
+    holding the prefixes of finished sequences, kept for reuse;
+    ``prefix_queries`` / ``prefix_hits``: prompt tokens looked up in the
+    prefix cache and found there, since the worker started.
     """
 
     worker_id: int
     tokens: list[tuple[int, int]] = field(default_factory=list)
     finished: list[tuple[int, str]] = field(default_factory=list)
-    started: list[int] = field(default_factory=list)
+    started: list[tuple[int, int]] = field(default_factory=list)
     batch_size: int = 0
     step_seconds: float = 0.0
     kv_used: int = 0
     kv_allocated: int = 0
+    kv_retained: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
 
     @property
     def empty(self) -> bool:
@@ -141,3 +153,5 @@ class WorkerConfig:
     quality_max_ppl_ratio: float = 1.05
     quality_min_top1: float = 0.85
     probe_ids: tuple[int, ...] = ()  # the quality gate's probe, tokenized by the server
+    kv_cache_bytes: int = 0  # this worker's KV cache budget (0: --max-batch x 4 slots)
+    prefix_cache: bool = True  # reuse cached prompt prefixes (workers/kv_cache.py)

@@ -32,10 +32,9 @@ from typing import Any
 
 from chatserver.errors import ApiError
 from chatserver.protocol.json_input import JsonInputError, loads_strict
-from chatserver.protocol.sampling import RequestParams, parse_request_params
+from chatserver.protocol.sampling import PARAM_NAMES, RequestParams, parse_request_params
 
 MAX_ID_LENGTH = 128
-PARAM_NAMES = frozenset({"max_tokens", "temperature", "top_p", "top_k", "stop", "seed"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,12 +169,18 @@ def done_frame(
     prompt_tokens: int,
     completion_tokens: int,
     stored: bool | None = None,
+    cached_tokens: int = 0,
 ) -> dict[str, Any]:
+    """`cached_tokens`: of the prompt's tokens, those served from the KV prefix cache."""
     frame: dict[str, Any] = {
         "type": "done",
         "id": message_id,
         "finish_reason": finish_reason,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "cached_tokens": cached_tokens,
+        },
     }
     if stored is not None:
         frame["stored"] = stored
@@ -183,7 +188,11 @@ def done_frame(
 
 
 def error_frame(
-    code: str, message: str, message_id: str | None = None, retry_after: int | None = None
+    code: str,
+    message: str,
+    message_id: str | None = None,
+    retry_after: int | None = None,
+    request_id: str | None = None,
 ) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "error"}
     if message_id is not None:
@@ -192,6 +201,8 @@ def error_frame(
     frame["message"] = message
     if retry_after is not None:
         frame["retry_after"] = retry_after
+    if request_id is not None:
+        frame["request_id"] = request_id
     return frame
 
 

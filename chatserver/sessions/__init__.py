@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from chatserver.config import Settings
-from chatserver.sessions.base import SessionStore, SessionStoreUnavailable
+from chatserver.sessions.base import SessionBusy, SessionStore, SessionStoreUnavailable
 
 
 def open_store(settings: Settings) -> SessionStore:
@@ -16,10 +16,11 @@ def open_store(settings: Settings) -> SessionStore:
             ttl=settings.session_ttl,
             prefix=settings.redis_prefix,
             timeout=settings.redis_timeout,
+            max_messages=settings.max_history_messages,
         )
     from chatserver.sessions.memory import MemorySessionStore
 
-    return MemorySessionStore(ttl=settings.session_ttl)
+    return MemorySessionStore(ttl=settings.session_ttl, max_messages=settings.max_history_messages)
 
 
-__all__ = ["SessionStore", "SessionStoreUnavailable", "open_store"]
+__all__ = ["SessionBusy", "SessionStore", "SessionStoreUnavailable", "open_store"]

@@ -9,7 +9,18 @@ and the assistant reply together, atomically, once the reply is complete. A
 reply cut short by the client (an explicit cancel, or the WebSocket closing)
 is stored with its partial text and ``"cancelled": true`` on the assistant
 message, so the history shows what the user saw; a generation that failed
-stores nothing, so the user may simply ask again.
+stores nothing, so the user may simply ask again. A session keeps at most
+``max_messages`` messages (0: no cap): a turn that would pass it drops the
+oldest turns, a quarter of the cap at once (``kept_under_cap``), so that the
+oldest message kept, and with it the start of the session's prompt, stays the
+same for many turns instead of moving on every turn (a KV prefix cache reuses
+a prompt only if the next one starts with it).
+
+Turns of one session run one at a time (``turn_lock``): a turn reads the
+history, generates and appends while holding the session's lock, so a second
+client on the same session waits for the first turn and then sees it in its
+history, instead of both generating from the same history and appending in
+finish order.
 
 Every session has an owner (``chatserver.api.auth.Principal.owner``; "" on a
 server without API keys), set at creation. Every call names the caller's
@@ -19,13 +30,16 @@ owner, and a session of another owner is exactly like an unknown one.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import re
 import secrets
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 Message = dict[str, Any]
@@ -35,6 +49,29 @@ _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 class SessionStoreUnavailable(Exception):
     """The backing store cannot be reached; the request may be retried."""
+
+
+class SessionBusy(Exception):
+    """Another turn held the session for longer than this one could wait."""
+
+    def __init__(self, waited: float) -> None:
+        super().__init__(
+            f"the session's previous message was still being answered after {waited:g} s "
+            "(--request-timeout); send this one again"
+        )
+        self.waited = waited
+
+
+def kept_under_cap(count: int, max_messages: int) -> int:
+    """How many of a session's `count` newest messages to keep under `max_messages` (0: all).
+
+    Up to the cap, all; past it, three quarters of the cap, in whole turns
+    (user message and reply), so the cut happens once every quarter of the cap.
+    """
+    if max_messages <= 0 or count <= max_messages:
+        return count
+    keep = max_messages - max_messages // 4
+    return max(2, keep - keep % 2)
 
 
 def new_session_id() -> str:
@@ -94,11 +131,53 @@ def after_cursor(last_used: float, session_id: str, cursor: tuple[float, str] | 
     return cursor is None or (last_used, session_id) < cursor
 
 
+class TurnLocks:
+    """One asyncio lock per session id in this process, forgotten when nobody holds or wants it.
+
+    Waiters are served in arrival order. The memory store's turn lock; the
+    Redis store queues a process's own turns here before it asks Redis.
+    """
+
+    @dataclass(slots=True)
+    class _Entry:
+        lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+        users: int = 0  # holding or waiting
+
+    def __init__(self) -> None:
+        self._locks: dict[str, TurnLocks._Entry] = {}
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    @asynccontextmanager
+    async def hold(self, session_id: str, wait: float | None) -> AsyncIterator[None]:
+        """Hold the session's lock; SessionBusy if it was not free within `wait` s (None: any)."""
+        entry = self._locks.get(session_id)
+        if entry is None:
+            entry = self._locks[session_id] = TurnLocks._Entry()
+        entry.users += 1
+        try:
+            try:
+                async with asyncio.timeout(wait):
+                    await entry.lock.acquire()
+            except TimeoutError:
+                raise SessionBusy(wait or 0.0) from None
+            try:
+                yield
+            finally:
+                entry.lock.release()
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._locks[session_id]
+
+
 class SessionStore(ABC):
     """Conversation histories keyed by session id."""
 
-    def __init__(self, ttl: float) -> None:
+    def __init__(self, ttl: float, max_messages: int = 0) -> None:
         self.ttl = ttl
+        self.max_messages = max_messages
 
     @abstractmethod
     async def check(self) -> None:
@@ -122,6 +201,15 @@ class SessionStore(ABC):
         self, session_id: str, user: Message, assistant: Message, *, owner: str
     ) -> bool:
         """Append a finished turn atomically; False if the session is gone (or not ``owner``'s)."""
+
+    @abstractmethod
+    def turn_lock(self, session_id: str, wait: float | None) -> AbstractAsyncContextManager[None]:
+        """Hold the session for one turn: while held, no other turn of it starts.
+
+        Waits up to `wait` seconds (None: as long as it takes) for the turn
+        before, then raises SessionBusy. Across servers when the store is
+        shared (Redis). An id no store could have issued is not locked.
+        """
 
     @abstractmethod
     async def delete(self, session_id: str, *, owner: str) -> bool:

@@ -5,13 +5,15 @@ use). Every method runs without awaiting, so each is atomic on the event loop.
 Expired sessions are dropped lazily: sessions are kept in least-recently-used
 order, so each call pops the expired ones from the front in amortised O(1).
 Each owner's session ids are indexed too, so a listing reads only the caller's.
+Turns are serialized with one asyncio lock per session (``TurnLocks``).
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from chatserver.sessions.base import (
@@ -19,9 +21,11 @@ from chatserver.sessions.base import (
     SessionInfo,
     SessionPage,
     SessionStore,
+    TurnLocks,
     after_cursor,
     decode_cursor,
     encode_cursor,
+    kept_under_cap,
     new_session_id,
     valid_session_id,
 )
@@ -37,9 +41,12 @@ class _Session:
 
 
 class MemorySessionStore(SessionStore):
-    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(ttl)
+    def __init__(
+        self, ttl: float, clock: Callable[[], float] = time.monotonic, max_messages: int = 0
+    ) -> None:
+        super().__init__(ttl, max_messages)
         self._clock = clock
+        self._turns = TurnLocks()
         # session id -> session, least recently used first
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._by_owner: dict[str, set[str]] = {}
@@ -102,7 +109,17 @@ class MemorySessionStore(SessionStore):
         if session is None:
             return False
         session.messages.extend((dict(user), dict(assistant)))
+        keep = kept_under_cap(len(session.messages), self.max_messages)
+        del session.messages[: len(session.messages) - keep]
         return True
+
+    @asynccontextmanager
+    async def turn_lock(self, session_id: str, wait: float | None) -> AsyncIterator[None]:
+        if not valid_session_id(session_id):
+            yield
+            return
+        async with self._turns.hold(session_id, wait):
+            yield
 
     async def delete(self, session_id: str, *, owner: str) -> bool:
         self._expire()

@@ -6,7 +6,11 @@ Layout, under a key prefix (``chatserver:`` by default):
   the session exists exactly while this key does (an empty history has no list);
 * ``{prefix}session:{id}:messages`` a list of JSON messages, oldest first;
 * ``{prefix}owner:{owner}:sessions`` a sorted set of the owner's session ids
-  scored by last use (unix seconds), for listings.
+  scored by last use (unix seconds), for listings;
+* ``{prefix}session:{id}:lock`` while a turn of the session runs: a random
+  token of the server holding it, with an expiry (``lock_ttl``, 10 s) that the
+  holder renews every third of it, so the lock of a server that died frees
+  itself within seconds.
 
 Every call reads the session key first and treats another owner's session as
 unknown (sessions stored before owners existed belong to "", the owner on a
@@ -15,16 +19,27 @@ in one MULTI on every use, which also re-scores the id in its owner's set,
 drops ids unused for a TTL from it and gives the set the TTL too, so it never
 outgrows the owner's live sessions by much; a listing drops ids whose session
 is gone. A turn is appended with WATCH on the session key and MULTI/EXEC for
-RPUSH + EXPIRE, so a session deleted mid-generation is not brought back by its
-last reply.
+RPUSH + EXPIRE (and LTRIM past the history cap), so a session deleted
+mid-generation is not brought back by its last reply.
+
+Turns of a session are serialized across every server sharing the Redis: a
+server's own turns queue in order on a lock in the process (``TurnLocks``),
+and the one in front takes the Redis lock with SET NX PX, trying again after
+10 ms, doubling to 100 ms, while another server holds it. It is given back
+with a compare-and-delete script, so a server whose lock expired never
+deletes the next holder's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
@@ -32,20 +47,42 @@ from redis.exceptions import RedisError, WatchError
 
 from chatserver.sessions.base import (
     Message,
+    SessionBusy,
     SessionInfo,
     SessionPage,
     SessionStore,
     SessionStoreUnavailable,
+    TurnLocks,
     after_cursor,
     decode_cursor,
     encode_cursor,
+    kept_under_cap,
     new_session_id,
     valid_session_id,
 )
 
+log = logging.getLogger(__name__)
+
 DEFAULT_PREFIX = "chatserver:"
 # Ids read from an owner's set per round trip while listing (at least a page).
 LIST_BATCH = 64
+# A turn lock's expiry, renewed every third of it while the turn runs.
+LOCK_TTL_S = 10.0
+# The first and the longest pause between tries for a lock another server holds.
+LOCK_RETRY_S = (0.01, 0.1)
+# Only the holder's token renews or frees a lock (KEYS[1] the lock, ARGV[1] the token).
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
 
 
 def _meta_owner(raw: str | None) -> str | None:
@@ -69,10 +106,19 @@ async def _unavailable_on_error() -> AsyncIterator[None]:
 
 class RedisSessionStore(SessionStore):
     def __init__(
-        self, url: str, ttl: float, prefix: str = DEFAULT_PREFIX, timeout: float | None = None
+        self,
+        url: str,
+        ttl: float,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float | None = None,
+        max_messages: int = 0,
+        lock_ttl: float = LOCK_TTL_S,
     ) -> None:
-        super().__init__(ttl)
+        super().__init__(ttl, max_messages)
         self.prefix = prefix
+        self.lock_ttl = lock_ttl
+        self._turns = TurnLocks()
+        self._background: set[asyncio.Task[None]] = set()
         # With a timeout a stalled Redis raises (SessionStoreUnavailable) instead
         # of holding every request that touches a session.
         self._redis = aioredis.Redis.from_url(
@@ -81,6 +127,8 @@ class RedisSessionStore(SessionStore):
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
         )
+        self._renew_script = self._redis.register_script(_RENEW)
+        self._release_script = self._redis.register_script(_RELEASE)
 
     @property
     def _ttl_s(self) -> int:
@@ -153,12 +201,16 @@ class RedisSessionStore(SessionStore):
         async with _unavailable_on_error(), self._redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    await pipe.watch(meta)
+                    await pipe.watch(meta, msgs)
                     if _meta_owner(await pipe.get(meta)) != owner:
                         await pipe.unwatch()
                         return False
+                    count = await pipe.llen(msgs) + len(encoded)
+                    keep = kept_under_cap(count, self.max_messages)
                     pipe.multi()
                     pipe.rpush(msgs, *encoded)
+                    if keep < count:
+                        pipe.ltrim(msgs, -keep, -1)
                     pipe.expire(msgs, self._ttl_s)
                     pipe.expire(meta, self._ttl_s)
                     self._index_use(pipe, owner, session_id)
@@ -166,6 +218,77 @@ class RedisSessionStore(SessionStore):
                     return True
                 except WatchError:
                     continue  # the session changed under us: look again
+
+    @asynccontextmanager
+    async def turn_lock(self, session_id: str, wait: float | None) -> AsyncIterator[None]:
+        if not valid_session_id(session_id):
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        deadline = None if wait is None else loop.time() + wait
+        async with self._turns.hold(session_id, wait):
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            key = f"{self.prefix}session:{session_id}:lock"
+            token = await self._lock(key, left, wait)
+            renewing = asyncio.create_task(self._keep_lock(key, token))
+            try:
+                yield
+            finally:
+                renewing.cancel()
+                # Given back even if this task is cancelled meanwhile.
+                await asyncio.shield(self._in_background(self._unlock(key, token)))
+
+    async def _lock(self, key: str, left: float | None, wait: float | None) -> str:
+        """Take the Redis lock within `left` seconds; its token."""
+        token = secrets.token_hex(16)
+        pause = LOCK_RETRY_S[0]
+        try:
+            async with asyncio.timeout(left):
+                while not await self._redis.set(key, token, nx=True, px=self._lock_ttl_ms):
+                    await asyncio.sleep(pause)
+                    pause = min(2 * pause, LOCK_RETRY_S[1])
+        except BaseException as exc:
+            # A SET cut short (timed out, cancelled, connection lost) may have
+            # taken the lock all the same: give it back.
+            self._in_background(self._unlock(key, token))
+            if isinstance(exc, RedisError):
+                raise SessionStoreUnavailable(f"redis: {exc}") from exc
+            if isinstance(exc, TimeoutError):
+                raise SessionBusy(wait or 0.0) from None
+            raise
+        return token
+
+    @property
+    def _lock_ttl_ms(self) -> int:
+        return max(1, int(self.lock_ttl * 1000))
+
+    async def _keep_lock(self, key: str, token: str) -> None:
+        """Renew the lock while its turn runs (cancelled when the turn ends)."""
+        while True:
+            await asyncio.sleep(self.lock_ttl / 3)
+            try:
+                if not await self._renew_script(keys=[key], args=[token, self._lock_ttl_ms]):
+                    log.warning(
+                        "a session's turn lock expired before its turn ended (Redis or this "
+                        "server stalled for %g s): another turn of it may have started",
+                        self.lock_ttl,
+                    )
+                    return
+            except RedisError as exc:
+                log.warning("could not renew a session's turn lock: %s", exc)
+
+    async def _unlock(self, key: str, token: str) -> None:
+        try:
+            await self._release_script(keys=[key], args=[token])
+        except RedisError as exc:  # it expires by itself
+            log.warning("could not release a session's turn lock: %s", exc)
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `work` to its end even if whoever started it is cancelled."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def delete(self, session_id: str, *, owner: str) -> bool:
         if not await self._owned(session_id, owner):
@@ -216,4 +339,6 @@ class RedisSessionStore(SessionStore):
         )
 
     async def close(self) -> None:
+        if self._background:  # locks being given back
+            await asyncio.wait(self._background, timeout=self.lock_ttl)
         await self._redis.aclose()

@@ -27,6 +27,7 @@ from chatserver.protocol.worker import (
     WorkerReady,
 )
 from chatserver.workers import cpu_features, precision, quality_gate
+from chatserver.workers.kv_cache import KVCacheManager
 from chatserver.workers.runner import HFRunner, LlamaRunner, build_runner, supports_fast_runner
 from chatserver.workers.scheduler import BatchScheduler, Sequence
 
@@ -40,7 +41,15 @@ class WorkerCore:
         self.worker_id = worker_id
         self.config = config
         self.runner = runner
-        self.scheduler = BatchScheduler(config.max_batch, config.prefill_chunk, config.max_context)
+        self.kv = kv_cache_for(config, runner)
+        if isinstance(runner, LlamaRunner):
+            runner.limit_slots(self.kv.num_slots)
+        self.scheduler = BatchScheduler(
+            min(config.max_batch, self.kv.num_slots),
+            config.prefill_chunk,
+            config.max_context,
+            self.kv,
+        )
         self.sampler = Sampler(runner.device)
         self.pending_finished: list[tuple[int, str]] = []
 
@@ -77,13 +86,14 @@ class WorkerCore:
     def step(self) -> StepOutput:
         out = StepOutput(self.worker_id, finished=self.pending_finished)
         self.pending_finished = []
-        for move in self.scheduler.take_moves():
-            self.runner.move_slot(move.src, move.dst, move.length)
-        self._report_cache(out)
         plan = self.scheduler.schedule()
+        # Copies and swaps from the last step's releases and this step's
+        # admissions, in the order the manager decided them.
+        self.runner.apply(self.scheduler.take_ops())
         if plan.empty:
+            self._report_cache(out)
             return out
-        out.started = plan.admitted
+        out.started = [(seq.seq_id, seq.cached) for seq in plan.admitted]
         out.batch_size = len(plan.items)
         began = time.perf_counter()
         try:
@@ -100,7 +110,7 @@ class WorkerCore:
             )
             for seq in plan.sequences:
                 if seq.slot >= 0 or seq in self.scheduler.waiting:
-                    self.scheduler.remove(seq)
+                    self.scheduler.remove(seq, retain=False)
                 self._forget(seq.seq_id)
                 out.finished.append((seq.seq_id, "error"))
             out.step_seconds = time.perf_counter() - began
@@ -116,8 +126,39 @@ class WorkerCore:
         return out
 
     def _report_cache(self, out: StepOutput) -> None:
+        stats = self.kv.snapshot()
         out.kv_used = self.scheduler.cached_tokens
-        out.kv_allocated = self.runner.kv_allocated()
+        out.kv_allocated = (
+            self.runner.kv_allocated() and self.kv.num_slots * self.config.max_context
+        )
+        out.kv_retained = stats.tokens_held - out.kv_used
+        out.prefix_queries = stats.queries
+        out.prefix_hits = stats.hits
+
+
+def kv_cache_for(config: WorkerConfig, runner: LlamaRunner | HFRunner) -> KVCacheManager:
+    """The KV cache manager for this runner: as many slots as the memory budget holds.
+
+    A slot holds `max_context` positions. ``config.kv_cache_bytes`` (0: no
+    budget) bounds slots x slot bytes; at least one slot, and no more than
+    four times --max-batch (running ones plus retained prefixes). HFRunner
+    keeps its own cache per sequence: one slot per running sequence, no reuse.
+    """
+    if not isinstance(runner, LlamaRunner):
+        return KVCacheManager(config.max_batch, config.max_context, prefix_cache=False)
+    most = 4 * config.max_batch
+    if config.kv_cache_bytes > 0:
+        most = min(most, config.kv_cache_bytes // runner.slot_bytes())
+    slots = max(1, most)
+    log.info(
+        "KV cache: %d slots of %d positions (%.0f MiB each, %.2f GiB in all), prefix cache %s",
+        slots,
+        config.max_context,
+        runner.slot_bytes() / 2**20,
+        slots * runner.slot_bytes() / 2**30,
+        "on" if config.prefix_cache else "off",
+    )
+    return KVCacheManager(slots, config.max_context, prefix_cache=config.prefix_cache)
 
 
 def resolve_device(device: str) -> str:

@@ -9,9 +9,11 @@ batch, and no int8 path. Ours:
 
 * fuses q/k/v and gate/up into one matmul each;
 * keeps a slot KV cache `[slots, kv_heads, capacity, head_dim]` per layer in
-  which the live sequences always occupy slots 0..n-1 (the scheduler moves the
-  last sequence into a freed slot), so batched decode attends over a view of
-  the cache with no gather;
+  which the live sequences always occupy slots 0..n-1, so batched decode
+  attends over a view of the cache with no gather; which slot holds what, and
+  which prefixes are reused, is workers/kv_cache.py's bookkeeping, applied
+  here as slot copies and swaps (`apply`). The cache grows (doubling) to at
+  most `max_slots` slots of `max_context` positions: the memory budget;
 * flattens every token of the step (one per decoding sequence, a chunk per
   prefilling one) into one `[tokens, hidden]` matrix, so the weights are read
   once per step however many sequences run: decoding is memory-bound, so a
@@ -41,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from chatserver.workers.kernels import DownProjLinear, Int8Kernels, Int8Linear
+from chatserver.workers.kv_cache import SlotClear, SlotCopy, SlotOp, SlotSwap
 
 
 @dataclass(slots=True)
@@ -86,6 +89,7 @@ class LlamaRunner:
         initial_slots: int = 8,
         int8: Int8Kernels | None = None,
         compile: bool = False,
+        max_slots: int = 1 << 30,
     ) -> None:
         cfg = model.config
         inner = model.model
@@ -153,11 +157,12 @@ class LlamaRunner:
             # the norm / projection / rotary / MLP pieces around them are fused.
             self._project_qkv = torch.compile(self._project_qkv, dynamic=True)
             self._output_and_mlp = torch.compile(self._output_and_mlp, dynamic=True)
+        self.max_slots = max(1, max_slots)
         self.slots = 0
         self.capacity = 0
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
-        self._ensure(initial_slots, 256)
+        self._ensure(min(initial_slots, self.max_slots), 256)
         if compile:
             # Compile now, so readiness includes it rather than the first request:
             # a prefill (dynamic length) and a one-token decode (specialized).
@@ -165,13 +170,32 @@ class LlamaRunner:
             self.forward([StepItem(-1, 0, [3], 3, True)], 1)
 
     # --- cache management -------------------------------------------------
+    def limit_slots(self, max_slots: int) -> None:
+        """Hold at most `max_slots` slots (the KV cache budget), dropping any beyond."""
+        self.max_slots = max(1, max_slots)
+        if self.slots > self.max_slots:
+            for caches in (self.k_cache, self.v_cache):
+                caches[:] = [cache[: self.max_slots].clone() for cache in caches]
+            self.slots = self.max_slots
+
+    def slot_bytes(self) -> int:
+        """Bytes one slot of `max_context` positions takes, keys and values of every layer."""
+        return self.bytes_per_position() * self.max_context
+
+    def bytes_per_position(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
     def _ensure(self, slots: int, length: int) -> None:
-        """Grow the cache (doubling) to hold `slots` sequences of `length` tokens."""
+        """Grow the cache (doubling, up to max_slots) to hold `slots` sequences of `length` tokens."""
         if slots <= self.slots and length <= self.capacity:
             return
+        if slots > self.max_slots:
+            raise RuntimeError(f"the KV cache holds {self.max_slots} slots; slot {slots - 1} asked")
         new_slots = max(self.slots, 1)
         while new_slots < slots:
             new_slots *= 2
+        new_slots = min(new_slots, self.max_slots)
         new_cap = max(self.capacity, 64)
         while new_cap < length:
             new_cap *= 2
@@ -188,10 +212,21 @@ class LlamaRunner:
         self.slots, self.capacity = new_slots, new_cap
 
     @torch.inference_mode()
-    def move_slot(self, src: int, dst: int, length: int) -> None:
-        for caches in (self.k_cache, self.v_cache):
-            for cache in caches:
-                cache[dst, :, :length] = cache[src, :, :length]
+    def apply(self, ops: list[SlotOp]) -> None:
+        """Carry out the KV cache manager's slot copies, swaps and clears, in order."""
+        for op in ops:
+            if isinstance(op, SlotCopy):
+                self._ensure(max(op.src, op.dst) + 1, op.length)
+                for cache in (*self.k_cache, *self.v_cache):
+                    cache[op.dst, :, : op.length] = cache[op.src, :, : op.length]
+            elif isinstance(op, SlotSwap):
+                self._ensure(max(op.a, op.b) + 1, op.length)
+                pair = torch.tensor([op.a, op.b], device=self.device)
+                for cache in (*self.k_cache, *self.v_cache):
+                    cache[pair, :, : op.length] = cache[pair.flip(0), :, : op.length]
+            elif isinstance(op, SlotClear) and op.slot < self.slots:
+                for cache in (*self.k_cache, *self.v_cache):
+                    cache[op.slot, :, : op.length] = 0
 
     def release(self, seq_id: int) -> None:
         """Slots are owned by the scheduler; nothing per sequence to free here."""
@@ -393,8 +428,8 @@ class HFRunner:
         params = inspect.signature(model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
-    def move_slot(self, src: int, dst: int, length: int) -> None:
-        """Caches are per sequence, not per slot: nothing to move."""
+    def apply(self, ops: list[SlotOp]) -> None:
+        """Caches are per sequence, not per slot (and prefixes are not reused): nothing to do."""
 
     @torch.inference_mode()
     def sequence_logits(self, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
@@ -434,8 +469,12 @@ class HFRunner:
 
 
 def build_runner(
-    model: Any, max_context: int, int8: Int8Kernels | None = None, compile: bool = False
+    model: Any,
+    max_context: int,
+    int8: Int8Kernels | None = None,
+    compile: bool = False,
+    max_slots: int = 1 << 30,
 ) -> LlamaRunner | HFRunner:
     if supports_fast_runner(model):
-        return LlamaRunner(model, max_context, int8=int8, compile=compile)
+        return LlamaRunner(model, max_context, int8=int8, compile=compile, max_slots=max_slots)
     return HFRunner(model, max_context)

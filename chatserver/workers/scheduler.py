@@ -9,9 +9,12 @@ prompt is thus prefilled over several steps while the running streams keep
 decoding: nobody's stream stalls behind a newcomer. Finished or cancelled
 sequences leave at once.
 
-Live sequences hold cache slots 0..n-1. When one leaves, the sequence in the
-last slot moves into its place (`SlotMove`), so the runner's batched decode
-reads one contiguous view of the cache.
+Which cache slot a sequence runs in, and how much of its prompt is already
+cached, is the KV cache manager's decision (workers/kv_cache.py): a sequence
+is admitted only while the manager has a free slot (the memory budget), starts
+its prefill after the prefix it reuses, and leaves its tokens cached when it
+ends. The slot copies and swaps this implies are handed to the runner
+(`take_ops`) before the step that needs them.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from chatserver.protocol.worker import SamplingParams
+from chatserver.workers.kv_cache import KVCacheManager, SlotOp
 from chatserver.workers.runner import StepItem
 
 
@@ -30,7 +34,11 @@ class Sequence:
     params: SamplingParams
     slot: int = -1
     computed: int = 0  # tokens whose keys/values are in the cache
+    cached: int = 0  # of which found in the prefix cache at admission
     output_ids: list[int] = field(default_factory=list)
+
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
 
     @property
     def prefilling(self) -> bool:
@@ -41,19 +49,12 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
 
-@dataclass(frozen=True, slots=True)
-class SlotMove:
-    src: int
-    dst: int
-    length: int
-
-
 @dataclass(slots=True)
 class StepPlan:
     items: list[StepItem]
     sequences: list[Sequence]  # parallel to items
     active_slots: int
-    admitted: list[int] = field(default_factory=list)  # seq_ids scheduled for the first time
+    admitted: list[Sequence] = field(default_factory=list)  # scheduled for the first time
 
     @property
     def empty(self) -> bool:
@@ -61,13 +62,19 @@ class StepPlan:
 
 
 class BatchScheduler:
-    def __init__(self, max_batch: int, prefill_chunk: int, max_context: int) -> None:
+    def __init__(
+        self,
+        max_batch: int,
+        prefill_chunk: int,
+        max_context: int,
+        kv_cache: KVCacheManager | None = None,
+    ) -> None:
         self.max_batch = max(1, max_batch)
         self.prefill_chunk = max(1, prefill_chunk)
         self.max_context = max_context
+        self.kv = kv_cache or KVCacheManager(self.max_batch, max_context)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # index == slot
-        self.pending_moves: list[SlotMove] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -94,21 +101,29 @@ class BatchScheduler:
                 return seq
         return None
 
-    def remove(self, seq: Sequence) -> None:
-        """Take a sequence out (finished or cancelled), compacting slots."""
+    def remove(self, seq: Sequence, retain: bool = True) -> None:
+        """Take a sequence out (finished or cancelled); its cached tokens stay reusable.
+
+        ``retain`` False (a sequence whose values may not be finite): its slot
+        is cleared instead.
+        """
         if seq.slot < 0:
             self.waiting.remove(seq)
             return
-        last = self.running.pop()
+        self.kv.computed(seq.slot, seq.computed)
+        last = self.running[-1]
+        if last is not seq:
+            self.kv.computed(last.slot, last.computed)
+        self.kv.release(seq.slot, seq.tokens()[: seq.computed], retain)
+        self.running.pop()
         if last is not seq:
             self.running[seq.slot] = last
-            self.pending_moves.append(SlotMove(last.slot, seq.slot, last.computed))
             last.slot = seq.slot
         seq.slot = -1
 
-    def take_moves(self) -> list[SlotMove]:
-        moves, self.pending_moves = self.pending_moves, []
-        return moves
+    def take_ops(self) -> list[SlotOp]:
+        """Cache copies and swaps the runner applies, in order, before the next forward."""
+        return self.kv.take_ops()
 
     def schedule(self) -> StepPlan:
         items: list[StepItem] = []
@@ -124,11 +139,15 @@ class BatchScheduler:
         for seq in self.running:
             if seq.prefilling and budget > 0:
                 budget -= self._prefill_item(seq, budget, items, seqs)
-        while budget > 0 and self.waiting and len(self.running) < self.max_batch:
+        while (
+            budget > 0 and self.waiting and len(self.running) < self.max_batch and self.kv.can_admit
+        ):
             seq = self.waiting.popleft()
-            seq.slot = len(self.running)
+            reuse = self.kv.admit(seq.seq_id, seq.prompt_ids)
+            seq.slot, seq.computed = reuse.slot, reuse.cached_tokens
+            seq.cached = reuse.cached_tokens
             self.running.append(seq)
-            admitted.append(seq.seq_id)
+            admitted.append(seq)
             budget -= self._prefill_item(seq, budget, items, seqs)
         return StepPlan(items, seqs, len(self.running), admitted)
 
@@ -153,8 +172,11 @@ class BatchScheduler:
         produced: list[tuple[int, int]] = []
         finished: list[tuple[int, str]] = []
         # All cache lengths first: a removal below may move a later item's sequence.
+        bs = self.kv.block_size
         for item, seq in zip(plan.items, plan.sequences, strict=True):
             seq.computed = item.start + len(item.token_ids)
+            if seq.computed // bs > self.kv.indexed_blocks(seq.slot):
+                self.kv.computed(seq.slot, seq.computed, seq.tokens())
         tokens = iter(sampled)
         for item, seq in zip(plan.items, plan.sequences, strict=True):
             if not item.wants_logits:
@@ -162,7 +184,7 @@ class BatchScheduler:
             token = next(tokens)
             if token is None:
                 finished.append((seq.seq_id, "error"))
-                self.remove(seq)
+                self.remove(seq, retain=False)
                 continue
             seq.output_ids.append(token)
             produced.append((seq.seq_id, token))

@@ -42,6 +42,7 @@ async def query(request: web.Request) -> web.Response:
             stream.prompt_tokens,
             stream.completion_tokens,
             bool(turn.stored),
+            stream.cached_tokens,
         )
     )
 

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatserver.errors import bad_request
-from chatserver.protocol.sampling import RequestParams, parse_request_params
+from chatserver.protocol.sampling import PARAM_NAMES, RequestParams, parse_request_params
 from chatserver.sessions.base import Message, SessionPage
 
-PARAM_NAMES = frozenset({"max_tokens", "temperature", "top_p", "top_k", "stop", "seed"})
 QUERY_FIELDS = PARAM_NAMES | {"message", "session_id"}
 LIST_PARAMS = frozenset({"limit", "cursor"})
 DEFAULT_LIST_LIMIT = 20
@@ -38,8 +37,13 @@ def parse_query(body: dict[str, Any]) -> QueryRequest:
     return QueryRequest(message, session_id, parse_request_params(body))
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, int]:
+    """`cached_tokens`: of the prompt's tokens, those served from the KV prefix cache."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "cached_tokens": cached_tokens,
+    }
 
 
 def query_response(
@@ -49,12 +53,13 @@ def query_response(
     prompt_tokens: int,
     completion_tokens: int,
     stored: bool,
+    cached_tokens: int = 0,
 ) -> dict[str, Any]:
     return {
         "session_id": session_id,
         "reply": reply,
         "finish_reason": finish_reason,
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
         "stored": stored,
     }
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from chatserver.config import Settings
 from chatserver.errors import ApiError
 from chatserver.limits import InFlight
+from chatserver.models.prompt import check_chars
 from chatserver.protocol.sampling import RequestParams
 from chatserver.sessions import SessionStore, SessionStoreUnavailable
 from chatserver.sessions.base import Message
@@ -76,19 +77,41 @@ class ChatService:
         """One turn, start to end; the caller only reads ``turn.stream``'s text.
 
         Entering: the client's rate limits (before any session or prompt work),
-        then start_turn. Leaving early (an error, the client gone) cancels the
+        a message too long to fit even alone refused (context_length_exceeded),
+        then the session's turn lock (SessionBusy past --request-timeout), then
+        start_turn. Leaving early (an error, the client gone) cancels the
         generation; its tokens are charged either way. Leaving normally: a
         reply that failed raises its error (GenerationFailed, RequestTimedOut)
         and is not stored; a reply (a cancelled one with its partial text) is
         stored, and ``turn.stored`` says whether that worked: a store that
         cannot be reached does not take a delivered reply away from its client.
+        The lock is held until the turn is stored.
         """
         await limits.admit()
-        turn = await self.start_turn(session_id, content, params, owner=owner)
-        async with limits.metered(turn.stream):
-            yield turn
-        turn.stream.check()
-        turn.stored = await self.finish_turn(turn)
+        # A message that could not fit even alone is refused before its session
+        # is locked or read (a 1 MiB message costs a length check).
+        check_chars(
+            len(self.settings.system_prompt) + len(content),
+            self.engine.max_context,
+            self.engine.max_token_chars,
+        )
+        wait = self.settings.request_timeout or None
+        async with AsyncExitStack() as held:
+            if session_id is not None:
+                await held.enter_async_context(self.sessions.turn_lock(session_id, wait))
+            turn = await self.start_turn(session_id, content, params, owner=owner)
+            if turn.created:
+                # Nobody knows the new id yet, so this does not wait; a client
+                # that learns it from this turn queues behind it.
+                try:
+                    await held.enter_async_context(self.sessions.turn_lock(turn.session_id, wait))
+                except BaseException:
+                    turn.stream.cancel()
+                    raise
+            async with limits.metered(turn.stream):
+                yield turn
+            turn.stream.check()
+            turn.stored = await self.finish_turn(turn)
 
     async def start_turn(
         self, session_id: str | None, content: str, params: RequestParams, *, owner: str
@@ -120,11 +143,14 @@ class ChatService:
     async def finish_turn(self, turn: Turn) -> bool:
         """Store the finished turn (a cancelled one with its partial text; a failed one not).
 
-        True once stored; False when it was not (failed, session gone, store down).
+        True once stored; False when it was not (failed, cut off before its
+        first token, session gone, store down).
         """
         reason = turn.stream.finish_reason
         if reason not in ("stop", "length", "cancelled", "interrupted"):
             return False
+        if reason in ("cancelled", "interrupted") and not turn.stream.completion_tokens:
+            return False  # it never started: nothing was said, nothing to remember
         assistant: Message = {"role": "assistant", "content": turn.stream.text}
         if reason in ("cancelled", "interrupted"):
             assistant[reason] = True  # the history shows what the user saw: a cut reply

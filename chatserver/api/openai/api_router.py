@@ -8,14 +8,20 @@ from contextlib import aclosing
 from aiohttp import web
 
 from chatserver.api.errors import error_body, read_json_object, to_api_error
-from chatserver.api.openai.protocol import SSE_DONE, parse_chat_completion, sse_event
+from chatserver.api.openai.protocol import (
+    SSE_DONE,
+    AnyCompletionRequest,
+    parse_chat_completion,
+    parse_completion,
+    sse_event,
+)
 from chatserver.api.ratelimit import client_limits
 from chatserver.api.request_id import request_id_of
 from chatserver.api.state import OPENAI
 
 log = logging.getLogger(__name__)
 
-PATH_PREFIXES = ("/v1/chat/", "/v1/models")
+PATH_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/models")
 # An SSE comment: clients ignore it, proxies see a live connection.
 SSE_KEEPALIVE = b": keep-alive\n\n"
 
@@ -27,13 +33,28 @@ SSE_HEADERS = {
 
 
 def is_openai_request(request: web.Request) -> bool:
-    return request.path.startswith(PATH_PREFIXES)
+    """OpenAI's routes, and any /v1/ path no route knows: an OpenAI client calling an
+    endpoint we lack (/v1/embeddings, /v1/responses) gets a 404 it can read."""
+    if request.path.startswith(PATH_PREFIXES):
+        return True
+    # A request no route matched carries the error its route will raise.
+    failed = request.match_info.get_info().get("http_exception")
+    return request.path.startswith("/v1/") and isinstance(failed, web.HTTPNotFound)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """One chat completion, as JSON or as SSE chunks."""
+    return await _serve(request, parse_chat_completion(await read_json_object(request)))
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    """One legacy text completion, as JSON or as SSE chunks."""
+    return await _serve(request, parse_completion(await read_json_object(request)))
+
+
+async def _serve(request: web.Request, body: AnyCompletionRequest) -> web.StreamResponse:
     """One completion, as JSON or as SSE chunks; a client that goes away cancels it."""
     serving = request.app[OPENAI]
-    body = parse_chat_completion(await read_json_object(request))
     # The completion is the serving layer's: leaving the block early (an error, the
     # client gone) cancels the generation; its tokens are charged either way.
     async with serving.completion(body, client_limits(request)) as stream:
@@ -52,9 +73,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 # Headers are sent: report the failure as an event, as OpenAI does.
                 err = to_api_error(exc)
                 if err.code == "internal_error":
-                    log.error("chat completion stream failed", exc_info=exc)
-                body = error_body(err, openai=True, request_id=request_id_of(request))
-                await response.write(sse_event(body))
+                    log.error("completion stream failed", exc_info=exc)
+                error = error_body(err, openai=True, request_id=request_id_of(request))
+                await response.write(sse_event(error))
             await response.write(SSE_DONE)
             await response.write_eof()
         except ConnectionError:
@@ -72,5 +93,6 @@ async def get_model(request: web.Request) -> web.Response:
 
 def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)

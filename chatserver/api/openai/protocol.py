@@ -1,14 +1,19 @@
-"""OpenAI chat completions schemas: request checking and response/chunk builders.
+"""OpenAI chat and text completions schemas: request checking and response/chunk builders.
 
 Pure data in OpenAI's exact shapes, so the official clients (and anything
-written against api.openai.com) work unchanged. Unknown request fields are
-ignored, as OpenAI-compatible servers do, since clients send many optional ones.
+written against api.openai.com) work unchanged. OpenAI parameters this server
+does not honour yet are refused with a 400 naming them (``unsupported_parameter``),
+except for the values that ask for nothing (``tools: []``, ``logprobs: false``…),
+so a caller never gets an answer that silently ignored what it asked for.
+Fields OpenAI does not define are ignored, as OpenAI-compatible servers do,
+since clients send many optional ones of their own.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +24,67 @@ from chatserver.protocol.sampling import RequestParams, parse_request_params
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
+def _never(value: Any) -> bool:
+    return False
+
+
+def _is_none(value: Any) -> bool:
+    return value == "none"
+
+
+def _is_false(value: Any) -> bool:
+    return value is False
+
+
+def _is_empty_list(value: Any) -> bool:
+    return value == []
+
+
+# OpenAI parameters not honoured yet, each with the test of the values that ask
+# for nothing and so are accepted; a field left out or null is never refused.
+UNSUPPORTED_CHAT: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tools": (_is_empty_list, "tool calling is not supported yet"),
+    "tool_choice": (_is_none, "tool calling is not supported yet; only 'none' is accepted"),
+    "parallel_tool_calls": (_never, "tool calling is not supported yet"),
+    "functions": (_is_empty_list, "function calling is not supported yet"),
+    "function_call": (_is_none, "function calling is not supported yet; only 'none' is accepted"),
+    "response_format": (
+        lambda v: v == {"type": "text"},
+        "structured output is not supported yet; only {'type': 'text'} is accepted",
+    ),
+    "logprobs": (_is_false, "logprobs are not supported yet"),
+    "top_logprobs": (_never, "logprobs are not supported yet"),
+    "modalities": (lambda v: v == ["text"], "only the 'text' modality is supported"),
+    "audio": (_never, "audio output is not supported"),
+    "web_search_options": (_never, "web search is not supported"),
+    "reasoning_effort": (_never, "this model does not reason"),
+    "verbosity": (_never, "'verbosity' is not supported"),
+    "store": (_is_false, "stored completions are not supported"),
+}
+UNSUPPORTED_COMPLETION: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "best_of": (lambda v: v == 1 and not isinstance(v, bool), "only best_of=1 is supported"),
+    "echo": (_is_false, "'echo' is not supported yet"),
+    "logprobs": (_never, "logprobs are not supported yet"),
+    "suffix": (lambda v: v == "", "'suffix' (insertion) is not supported"),
+}
+
+
+def refuse_unsupported(
+    body: dict[str, Any], unsupported: dict[str, tuple[Callable[[Any], bool], str]]
+) -> None:
+    """400 ``unsupported_parameter`` for the first parameter asking what is not honoured."""
+    for name, (accepted, why) in unsupported.items():
+        value = body.get(name)
+        if value is not None and not accepted(value):
+            raise bad_request("unsupported_parameter", f"'{name}': {why}", name)
+
+
+def _check_n(body: dict[str, Any]) -> None:
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise bad_request("invalid_parameter", "only n=1 is supported", "n")
+
+
 @dataclass(frozen=True, slots=True)
 class ChatCompletionRequest:
     model: str
@@ -26,6 +92,20 @@ class ChatCompletionRequest:
     params: RequestParams
     stream: bool = False
     include_usage: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    """A legacy ``/v1/completions`` request: raw text, no chat template."""
+
+    model: str
+    prompt: str
+    params: RequestParams
+    stream: bool = False
+    include_usage: bool = False
+
+
+AnyCompletionRequest = ChatCompletionRequest | CompletionRequest
 
 
 def _content_text(content: Any, index: int) -> str:
@@ -53,7 +133,8 @@ def _messages(raw: Any) -> list[dict[str, str]]:
     for i, message in enumerate(raw):
         if not isinstance(message, dict):
             raise bad_request("invalid_field", "each message must be an object", f"messages[{i}]")
-        role = ROLES.get(message.get("role"))  # type: ignore[arg-type]
+        role = message.get("role")
+        role = ROLES.get(role) if isinstance(role, str) else None  # {} is unhashable: a 500
         if role is None:
             raise bad_request(
                 "invalid_field",
@@ -73,27 +154,65 @@ def _optional_bool(body: dict[str, Any], name: str) -> bool:
     return value
 
 
-def parse_chat_completion(body: dict[str, Any]) -> ChatCompletionRequest:
-    """Check a /v1/chat/completions body; raise ApiError(400) naming the bad field."""
+def _model(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("invalid_field", "'model' must be a non-empty string", "model")
-    messages = _messages(body.get("messages"))
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise bad_request("invalid_parameter", "only n=1 is supported", "n")
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    params = parse_request_params(body, max_tokens_key=key)
+    return model
+
+
+def _streaming(body: dict[str, Any]) -> tuple[bool, bool]:
+    """``stream`` and ``stream_options.include_usage``."""
     stream = _optional_bool(body, "stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad_request("invalid_field", "'stream_options' must be an object", "stream_options")
-    include_usage = _optional_bool(options or {}, "include_usage")
+    return stream, _optional_bool(options or {}, "include_usage")
+
+
+def parse_chat_completion(body: dict[str, Any]) -> ChatCompletionRequest:
+    """Check a /v1/chat/completions body; raise ApiError(400) naming the bad field."""
+    model = _model(body)
+    messages = _messages(body.get("messages"))
+    _check_n(body)
+    refuse_unsupported(body, UNSUPPORTED_CHAT)
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    params = parse_request_params(body, max_tokens_key=key)
+    stream, include_usage = _streaming(body)
     return ChatCompletionRequest(model, messages, params, stream, include_usage)
+
+
+def _prompt(raw: Any) -> str:
+    """One prompt: a string, or a list holding one (several prompts would need n > 1)."""
+    if isinstance(raw, list) and len(raw) == 1:
+        raw = raw[0]
+    if not isinstance(raw, str) or not raw:
+        raise bad_request(
+            "invalid_field",
+            "'prompt' must be a non-empty string, or a list of one "
+            "(token-id prompts and several prompts are not supported)",
+            "prompt",
+        )
+    return raw
+
+
+def parse_completion(body: dict[str, Any]) -> CompletionRequest:
+    """Check a /v1/completions body; raise ApiError(400) naming the bad field."""
+    model = _model(body)
+    prompt = _prompt(body.get("prompt"))
+    _check_n(body)
+    refuse_unsupported(body, UNSUPPORTED_COMPLETION)
+    params = parse_request_params(body)
+    stream, include_usage = _streaming(body)
+    return CompletionRequest(model, prompt, params, stream, include_usage)
 
 
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def text_completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
 
 
 def openai_finish_reason(reason: str | None) -> str:
@@ -101,11 +220,27 @@ def openai_finish_reason(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage; ``prompt_tokens_details.cached_tokens``: served from the KV prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def _envelope(
+    obj: str, id: str, created: int, model: str, choices: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """What every completion object and chunk starts with."""
+    return {
+        "id": id,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": choices,
     }
 
 
@@ -117,23 +252,13 @@ def chat_completion(
     finish_reason: str,
     prompt_tokens: int,
     completion_tokens: int,
+    cached_tokens: int = 0,
 ) -> dict[str, Any]:
-    return {
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    message = {"role": "assistant", "content": text}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    body = _envelope("chat.completion", id, created, model, [choice])
+    body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
+    return body
 
 
 def chunk(
@@ -145,32 +270,72 @@ def chunk(
     include_usage: bool = False,
 ) -> dict[str, Any]:
     """One ``chat.completion.chunk`` with one choice; ``usage: null`` if usage comes last."""
-    body: dict[str, Any] = {
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-    }
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    body = _envelope("chat.completion.chunk", id, created, model, [choice])
     if include_usage:
         body["usage"] = None
     return body
 
 
 def usage_chunk(
-    id: str, created: int, model: str, prompt_tokens: int, completion_tokens: int
+    id: str,
+    created: int,
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
+    obj: str = "chat.completion.chunk",
 ) -> dict[str, Any]:
     """The last chunk when ``stream_options.include_usage``: no choices, the usage."""
-    return {
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    body = _envelope(obj, id, created, model, [])
+    body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
+    return body
+
+
+def text_completion(
+    id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
+) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    body = _envelope("text_completion", id, created, model, [choice])
+    body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
+    return body
+
+
+def text_chunk(
+    id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str | None = None,
+    include_usage: bool = False,
+) -> dict[str, Any]:
+    """One streamed ``text_completion`` with one choice; ``usage: null`` if usage comes last."""
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    body = _envelope("text_completion", id, created, model, [choice])
+    if include_usage:
+        body["usage"] = None
+    return body
+
+
+def text_usage_chunk(
+    id: str,
+    created: int,
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
+) -> dict[str, Any]:
+    """The last streamed ``text_completion`` when ``stream_options.include_usage``."""
+    return usage_chunk(
+        id, created, model, prompt_tokens, completion_tokens, cached_tokens, "text_completion"
+    )
 
 
 def model_card(

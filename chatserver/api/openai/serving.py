@@ -1,23 +1,31 @@
-"""Chat completions on the engine: the prompt is exactly the client's messages.
+"""Chat and text completions on the engine: the prompt is exactly the client's.
 
-Stateless (no session store) and never truncated: a conversation that does not
-fit the context is the client's to shorten, so it gets 400
+Chat completions render the client's messages through the chat template; text
+completions (legacy ``/v1/completions``) tokenize the client's text as it is.
+Stateless (no session store) and never truncated: a prompt that does not fit
+the context is the client's to shorten, so it gets 400
 ``context_length_exceeded`` rather than a silently edited prompt.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from chatserver.api.openai import protocol
-from chatserver.api.openai.protocol import ChatCompletionRequest
+from chatserver.api.openai.protocol import (
+    AnyCompletionRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
 from chatserver.config import Settings
-from chatserver.engine.errors import ReplyInterrupted
-from chatserver.errors import ApiError
+from chatserver.engine.errors import NotReady, ReplyInterrupted
+from chatserver.engine.types import Prompt
+from chatserver.errors import ApiError, bad_request
 from chatserver.limits import InFlight
+from chatserver.protocol.sampling import RequestParams
 
 if TYPE_CHECKING:
     from chatserver.api.ratelimit import ClientLimits
@@ -31,6 +39,34 @@ def check_openai(stream: GenerationStream) -> None:
     stream.check()
     if stream.finish_reason == "interrupted":
         raise ReplyInterrupted()
+
+
+def text_prompt(
+    tokenizer: Any, text: str, max_tokens: int, max_context: int, max_token_chars: int = 0
+) -> Prompt:
+    """A raw text prompt's ids: no chat template; the tokenizer's own special tokens
+    (a BOS, if it adds one) and any typed in the text count, as in OpenAI's API,
+    since the client writes the whole prompt. Runs in the tokenizer pool.
+
+    Text longer than ``max_context * max_token_chars`` characters cannot fit, and
+    is refused before any tokenizing (as models/prompt.py does for messages).
+    """
+    if max_token_chars and len(text) > max_context * max_token_chars:
+        raise bad_request(
+            "context_length_exceeded",
+            f"the prompt is {len(text)} characters, more than this model's context of "
+            f"{max_context} tokens can hold (its longest token is {max_token_chars} characters)",
+            "prompt",
+        )
+    ids = list(tokenizer(text)["input_ids"])
+    if len(ids) >= max_context:
+        raise bad_request(
+            "context_length_exceeded",
+            f"the prompt is {len(ids)} tokens; this model's context holds {max_context} "
+            "(prompt and reply together)",
+            "prompt",
+        )
+    return Prompt(ids, min(max_tokens, max_context - len(ids)))
 
 
 class OpenAIServing:
@@ -60,9 +96,23 @@ class OpenAIServing:
                 "model",
             )
 
+    def check_logit_bias(self, params: RequestParams) -> None:
+        """logit_bias names tokens of this model's vocabulary (the protocol cannot know it)."""
+        tokenizer = self.engine.tokenizer
+        if not params.logit_bias or tokenizer is None:
+            return  # no tokenizer yet: admission answers not_ready
+        vocab = len(tokenizer)
+        unknown = [i for i, _ in params.logit_bias if i >= vocab]
+        if unknown:
+            raise bad_request(
+                "invalid_parameter",
+                f"'logit_bias' names token {unknown[0]}; this model's tokens are 0..{vocab - 1}",
+                "logit_bias",
+            )
+
     @asynccontextmanager
     async def completion(
-        self, request: ChatCompletionRequest, limits: ClientLimits
+        self, request: AnyCompletionRequest, limits: ClientLimits
     ) -> AsyncIterator[GenerationStream]:
         """One completion, start to end: rate limits (before any prompt work), start,
         and the stream's lifetime; leaving early cancels it, its tokens are charged."""
@@ -71,41 +121,77 @@ class OpenAIServing:
         async with limits.metered(stream):
             yield stream
 
-    async def start(self, request: ChatCompletionRequest) -> GenerationStream:
+    async def start(self, request: AnyCompletionRequest) -> GenerationStream:
         """Check the model, build the prompt and start generating; the caller enters the stream.
 
         Raises model_not_found, ServerBusy (before the prompt is built), NotReady,
         context_length_exceeded.
         """
         self.check_model(request.model)
-        return self.inflight.add(
-            await self.engine.submit(request.messages, request.params, truncate=False)
-        )
+        self.check_logit_bias(request.params)
+        if isinstance(request, CompletionRequest):
+            stream = await self.submit_text(request.prompt, request.params)
+        else:
+            stream = await self.engine.submit(request.messages, request.params, truncate=False)
+        return self.inflight.add(stream)
+
+    async def submit_text(self, text: str, params: RequestParams) -> GenerationStream:
+        """engine.submit for raw text: admit, tokenize (no chat template) in the engine's
+        tokenizer pool, start generating. Raises ServerBusy before any tokenizing,
+        NotReady, context_length_exceeded."""
+        engine = self.engine
+        ticket = engine.admit()
+        try:
+            if engine.tokenizer is None:
+                raise NotReady("the model is still loading")
+            prompt = await engine.run_in_tokenizer_pool(
+                text_prompt,
+                engine.tokenizer,
+                text,
+                params.max_tokens or self.settings.default_max_tokens,
+                engine.max_context,
+                engine.max_token_chars,
+            )
+            return engine.generate(prompt, params, ticket)
+        except BaseException:
+            ticket.release()
+            raise
 
     async def complete(
-        self, request: ChatCompletionRequest, stream: GenerationStream
+        self, request: AnyCompletionRequest, stream: GenerationStream
     ) -> dict[str, Any]:
-        """Drain an entered stream into one ``chat.completion`` object."""
+        """Drain an entered stream into one ``chat.completion`` (or ``text_completion``)."""
         async for _ in stream:
             pass
         check_openai(stream)
-        return protocol.chat_completion(
-            protocol.completion_id(),
+        text = isinstance(request, CompletionRequest)
+        build = protocol.text_completion if text else protocol.chat_completion
+        return build(
+            protocol.text_completion_id() if text else protocol.completion_id(),
             int(time.time()),
             self.engine.model_id,
             stream.text,
             protocol.openai_finish_reason(stream.finish_reason),
             stream.prompt_tokens,
             stream.completion_tokens,
+            stream.cached_tokens,
         )
 
-    async def chunks(
-        self, request: ChatCompletionRequest, stream: GenerationStream
-    ) -> AsyncIterator[dict[str, Any] | None]:
-        """The ``chat.completion.chunk`` objects for an entered stream, in OpenAI's order.
+    def chunks(
+        self, request: AnyCompletionRequest, stream: GenerationStream
+    ) -> AsyncGenerator[dict[str, Any] | None, None]:
+        """The chunks for an entered stream, in OpenAI's order: ``chat.completion.chunk``
+        objects, or streamed ``text_completion`` objects for a text completion.
 
         None stands for a keep-alive: nothing to send for --keepalive-interval seconds.
         """
+        if isinstance(request, CompletionRequest):
+            return self._text_chunks(request, stream)
+        return self._chat_chunks(request, stream)
+
+    async def _chat_chunks(
+        self, request: ChatCompletionRequest, stream: GenerationStream
+    ) -> AsyncGenerator[dict[str, Any] | None, None]:
         id, created, model = protocol.completion_id(), int(time.time()), self.engine.model_id
         usage = request.include_usage
         yield protocol.chunk(id, created, model, {"role": "assistant", "content": ""}, None, usage)
@@ -119,5 +205,33 @@ class OpenAIServing:
         yield protocol.chunk(id, created, model, {}, reason, usage)
         if usage:
             yield protocol.usage_chunk(
-                id, created, model, stream.prompt_tokens, stream.completion_tokens
+                id,
+                created,
+                model,
+                stream.prompt_tokens,
+                stream.completion_tokens,
+                stream.cached_tokens,
+            )
+
+    async def _text_chunks(
+        self, request: CompletionRequest, stream: GenerationStream
+    ) -> AsyncGenerator[dict[str, Any] | None, None]:
+        id, created, model = protocol.text_completion_id(), int(time.time()), self.engine.model_id
+        usage = request.include_usage
+        async for delta in stream.with_keepalive(self.settings.keepalive_interval):
+            if delta is None:
+                yield None
+            elif delta:
+                yield protocol.text_chunk(id, created, model, delta, None, usage)
+        check_openai(stream)
+        reason = protocol.openai_finish_reason(stream.finish_reason)
+        yield protocol.text_chunk(id, created, model, "", reason, usage)
+        if usage:
+            yield protocol.text_usage_chunk(
+                id,
+                created,
+                model,
+                stream.prompt_tokens,
+                stream.completion_tokens,
+                stream.cached_tokens,
             )
