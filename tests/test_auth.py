@@ -192,6 +192,24 @@ async def test_protected_routes_answer_401_without_a_valid_key(
     assert status == 401
 
 
+def unauthorized_count(metrics_text: str) -> float:
+    for line in metrics_text.splitlines():
+        if line.startswith('chatserver:requests_rejected_total{reason="unauthorized"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_refusals_count_in_requests_rejected(
+    keyed: ServerProcess, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(keyed.url + "/metrics") as r:
+        before = unauthorized_count(await r.text())
+    for headers in ({}, bearer(WRONG)):
+        assert (await call(http, "GET", keyed.url + "/v1/models", headers=headers))[0] == 401
+    async with http.get(keyed.url + "/metrics") as r:
+        assert unauthorized_count(await r.text()) - before == 2
+
+
 async def test_public_routes_need_no_key(keyed: ServerProcess, http: aiohttp.ClientSession) -> None:
     for path in ("/healthz", "/readyz", "/", "/static/app.js"):
         assert (await call(http, "GET", keyed.url + path))[0] == 200, path

@@ -32,6 +32,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from chatserver.api.errors import error_response
 from chatserver.api.request_id import request_id_of
+from chatserver.api.state import METRICS
 from chatserver.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,13 @@ def presented_keys(request: web.Request) -> list[str]:
 def unauthorized(
     request: web.Request, message: str, *, openai: bool, wrong_key: bool
 ) -> web.Response:
-    """401 with the usual error body (OpenAI's shape where asked) and WWW-Authenticate."""
+    """401 with the usual error body (OpenAI's shape where asked) and WWW-Authenticate.
+
+    Counted in requests_rejected_total{reason="unauthorized"}, like every refusal.
+    """
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        metrics.count_rejection("unauthorized")
     response = error_response(
         ApiError(401, "unauthorized", message), openai=openai, request_id=request_id_of(request)
     )
