@@ -243,8 +243,9 @@ class KVCacheManager:
         if retain:
             self._set_tokens(slot, list(token_ids))
         else:
-            if leaving.length:
-                self.ops.append(SlotClear(slot, leaving.length))
+            # All of it: a failed step may have written rows past `length`, and
+            # batched decode reads (masked) rows past a sequence's end.
+            self.ops.append(SlotClear(slot, self.capacity))
             self._set_tokens(slot, [])
         leaving.seq_id = None
         leaving.last_used = self._touch()
