@@ -46,7 +46,7 @@ from load_tests.guard import check_url
 from load_tests.machine import describe_machine, describe_precision, machine, server_precision
 from load_tests.prompts import BUILTIN_PROMPTS, load_prompts
 from load_tests.runner import LoadSpec, WarmupFailed, run_pass, warm_server
-from load_tests.server import LaunchedServer, measure_idle_cpu, parse_stat
+from load_tests.server import ServerFailed, measure_idle_cpu, parse_stat, target_server
 from load_tests.stats import markdown_table
 
 STREAMING_MODES = ("ws", "openai")
@@ -209,42 +209,45 @@ def bench_server(
     server_args: str, args: argparse.Namespace, prompts: Sequence[str], url: str | None = None
 ) -> dict[str, Any] | None:
     """Start (unless `url`), warm up, measure idle CPU and every level; None if it failed."""
-    server = None
-    pid = args.pid
-    if url is None:
-        server = LaunchedServer(shlex.split(server_args), ready_timeout=args.ready_timeout)
-        say(f"starting: {shlex.join(server.command)}")
-        try:
-            server.start()
-        except (RuntimeError, TimeoutError) as e:
-            say(f"bench_batching: {e}")
-            return None
-        url, pid = server.url, server.pid
+    flags = shlex.split(server_args)
     try:
-        info = server_info(url)
-        precision = server_precision(url)
-        say(f"server {url}: {json.dumps(info)}")
-        try:  # first-use costs (model warm-up, thread pools) are not what we measure
-            if args.warmup:
-                run_async(warm_server(url, args.mode, args.warmup, request_timeout=args.timeout))
-        except WarmupFailed as e:
-            say(f"bench_batching: {url}: {e}")
-            return None
-        idle = None
-        if pid and args.idle_seconds > 0:
-            say(f"measuring idle CPU of pid {pid} and children for {args.idle_seconds:.0f}s")
-            try:
-                idle = measure_idle_cpu(pid, args.idle_seconds)
-            except OSError as e:  # no such pid, or no /proc here
-                say(f"idle CPU not measured: {e}")
-        summaries = run_levels(url, args, prompts, pid)
-    finally:
-        if server is not None:
-            server.stop()
+        with target_server(url, flags, args.ready_timeout, args.pid) as (url, pid, server):
+            return _bench(url, pid, server is not None, server_args, args, prompts)
+    except ServerFailed as e:
+        say(f"bench_batching: {e}")
+        return None
+
+
+def _bench(
+    url: str,
+    pid: int | None,
+    started: bool,
+    server_args: str,
+    args: argparse.Namespace,
+    prompts: Sequence[str],
+) -> dict[str, Any] | None:
+    """Measure a ready server: warm-up, idle CPU, every level; None if the warm-up failed."""
+    info = server_info(url)
+    precision = server_precision(url)
+    say(f"server {url}: {json.dumps(info)}")
+    try:  # first-use costs (model warm-up, thread pools) are not what we measure
+        if args.warmup:
+            run_async(warm_server(url, args.mode, args.warmup, request_timeout=args.timeout))
+    except WarmupFailed as e:
+        say(f"bench_batching: {url}: {e}")
+        return None
+    idle = None
+    if pid and args.idle_seconds > 0:
+        say(f"measuring idle CPU of pid {pid} and children for {args.idle_seconds:.0f}s")
+        try:
+            idle = measure_idle_cpu(pid, args.idle_seconds)
+        except OSError as e:  # no such pid, or no /proc here
+            say(f"idle CPU not measured: {e}")
+    summaries = run_levels(url, args, prompts, pid)
     return {
         "url": url,
         "server": info,
-        "server_args": server_args if server else None,
+        "server_args": server_args if started else None,
         "precision": precision,
         "idle_cpu": idle,
         "levels": summaries,

@@ -53,7 +53,7 @@ from load_tests.cli import (
 )
 from load_tests.machine import describe_machine, describe_precision, machine, server_precision
 from load_tests.prompts import BUILTIN_PROMPTS
-from load_tests.server import LaunchedServer
+from load_tests.server import ServerFailed, target_server
 from load_tests.stats import distribution, markdown_table
 
 TARGET_MS = 250.0
@@ -307,28 +307,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "warning",
         *shlex.split(args.server_args),
     ]
-    server = LaunchedServer(flags, ready_timeout=args.ready_timeout)
-    say(f"starting: {shlex.join(server.command)}")
     try:
-        server.start()
-    except (RuntimeError, TimeoutError) as e:
+        with target_server(None, flags, args.ready_timeout) as (url, _, _):
+            precision = server_precision(url)
+            sessions = 1 if args.shared_session else args.clients
+            say(f"writing {sessions} session(s) of {args.turns} turns into Redis")
+            ids = run_async(seed_sessions(args.redis_url, prefix, sessions, args.turns))
+            if args.shared_session:
+                ids *= args.clients
+            say("warm-up reply")
+            run_async(watch_stream(url, 0.1, 8))
+            say(f"watching a stream for {args.idle_seconds:g} s with no other traffic")
+            idle = run_async(watch_stream(url, args.idle_seconds, args.max_tokens))
+            say(f"watching a stream for {args.duration:g} s under load")
+            loaded, load = run_async(loaded_stream(url, args, ids))
+    except ServerFailed as e:
         say(f"gap: {e}")
         return 1
-    try:
-        precision = server_precision(server.url)
-        sessions = 1 if args.shared_session else args.clients
-        say(f"writing {sessions} session(s) of {args.turns} turns into Redis")
-        ids = run_async(seed_sessions(args.redis_url, prefix, sessions, args.turns))
-        if args.shared_session:
-            ids *= args.clients
-        say("warm-up reply")
-        run_async(watch_stream(server.url, 0.1, 8))
-        say(f"watching a stream for {args.idle_seconds:g} s with no other traffic")
-        idle = run_async(watch_stream(server.url, args.idle_seconds, args.max_tokens))
-        say(f"watching a stream for {args.duration:g} s under load")
-        loaded, load = run_async(loaded_stream(server.url, args, ids))
     finally:
-        server.stop()
         run_async(delete_prefix(args.redis_url, prefix))
     print(describe_machine(host) + "\n")
     print(describe_precision(precision) + "\n")

@@ -63,11 +63,11 @@ from load_tests.cli import (
     write_json,
 )
 from load_tests.clients.base import StreamTimer, error_kind, http_error_kind
-from load_tests.clients.openai_chat import served_model
+from load_tests.clients.openai_chat import served_model, sse_chunks
 from load_tests.guard import check_url
 from load_tests.machine import describe_machine, describe_precision, machine, server_precision
 from load_tests.runner import WarmupFailed, warm_server
-from load_tests.server import LaunchedServer
+from load_tests.server import ServerFailed, target_server
 from load_tests.stats import RequestResult, fmt, markdown_table, percentile
 
 APIS = ("ws", "openai", "query")
@@ -547,17 +547,7 @@ class OpenAIConversation:
                 if r.status != 200:
                     result = timer.failed(http_error_kind(r.status, await r.read()))
                     return TurnResult.of(conversation, index, result, None, "")
-                async for raw in r.content:
-                    line = raw.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        text = "".join(reply)
-                        self.messages += [user, {"role": "assistant", "content": text}]
-                        result = timer.done(usage, finish_reason)
-                        return TurnResult.of(conversation, index, result, usage, text)
-                    chunk = json.loads(payload)
+                async for chunk in sse_chunks(r):
                     if "error" in chunk:
                         err = chunk["error"]
                         code = err.get("code") if isinstance(err, dict) else None
@@ -569,7 +559,10 @@ class OpenAIConversation:
                         reply.append(delta or "")
                         finish_reason = choice.get("finish_reason") or finish_reason
                     usage = chunk.get("usage") or usage
-                result = timer.failed("disconnected")
+                result = timer.done(usage, finish_reason)
+            text = "".join(reply)
+            self.messages += [user, {"role": "assistant", "content": text}]
+            return TurnResult.of(conversation, index, result, usage, text)
         except Exception as e:  # noqa: BLE001 - every failure is counted by kind
             result = timer.failed(error_kind(e))
         return TurnResult.of(conversation, index, result, None, "")
@@ -774,38 +767,35 @@ def bench_server(
     server_args: str, args: argparse.Namespace, url: str | None = None
 ) -> dict[str, Any] | None:
     """Start (unless `url`), warm up every API and run every spec; None if it failed."""
-    server = None
-    if url is None:
-        server = LaunchedServer(shlex.split(server_args), ready_timeout=args.ready_timeout)
-        say(f"starting: {shlex.join(server.command)}")
-        try:
-            server.start()
-        except (RuntimeError, TimeoutError) as e:
-            say(f"multiturn: {e}")
-            return None
-        url = server.url
+    flags = shlex.split(server_args)
     try:
-        info = server_info(url)
-        precision = server_precision(url)
-        say(f"server {url}: {json.dumps(info)}")
-        try:  # first-use costs (model warm-up, thread pools) are not what we measure
-            for api in args.apis:
-                if args.warmup > 0:
-                    run_async(warm_server(url, api, args.warmup, request_timeout=args.timeout))
-        except WarmupFailed as e:
-            say(f"multiturn: {url}: {e}")
-            return None
-        runs = [
-            run_async(run_conversations(url, spec, progress=not args.no_progress))
-            for spec in run_specs(args)
-        ]
-    finally:
-        if server is not None:
-            server.stop()
+        with target_server(url, flags, args.ready_timeout) as (url, _, server):
+            return _bench(url, server_args if server else None, args)
+    except ServerFailed as e:
+        say(f"multiturn: {e}")
+        return None
+
+
+def _bench(url: str, server_args: str | None, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Every spec against a ready server; None if the warm-up failed."""
+    info = server_info(url)
+    precision = server_precision(url)
+    say(f"server {url}: {json.dumps(info)}")
+    try:  # first-use costs (model warm-up, thread pools) are not what we measure
+        for api in args.apis:
+            if args.warmup > 0:
+                run_async(warm_server(url, api, args.warmup, request_timeout=args.timeout))
+    except WarmupFailed as e:
+        say(f"multiturn: {url}: {e}")
+        return None
+    runs = [
+        run_async(run_conversations(url, spec, progress=not args.no_progress))
+        for spec in run_specs(args)
+    ]
     return {
         "url": url,
         "server": info,
-        "server_args": server_args if server else None,
+        "server_args": server_args,
         "precision": precision,
         "runs": runs,
     }

@@ -9,6 +9,7 @@ all its descendants (the worker processes), so it is Linux only.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -17,7 +18,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +141,36 @@ class LaunchedServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ServerFailed(Exception):
+    """A benchmark's own server did not start (the message says why, with its log)."""
+
+
+@contextmanager
+def target_server(
+    url: str | None, flags: Sequence[str], ready_timeout: float, pid: int | None = None
+) -> Iterator[tuple[str, int | None, LaunchedServer | None]]:
+    """The server a benchmark drives, as (url, pid, the server if it started one).
+
+    With `url`, that running server (and its `pid`, when given); else one
+    started with `flags` for the block and stopped after it. Raises
+    ServerFailed when it does not start.
+    """
+    if url is not None:
+        yield url, pid, None
+        return
+    server = LaunchedServer(flags, ready_timeout=ready_timeout)
+    print(f"starting: {shlex.join(server.command)}", file=sys.stderr, flush=True)
+    try:
+        server.start()
+    except (RuntimeError, TimeoutError) as e:
+        server.stop()
+        raise ServerFailed(str(e)) from e
+    try:
+        yield server.url, server.pid, server
+    finally:
+        server.stop()
 
 
 def _log_path(port: int) -> Path:

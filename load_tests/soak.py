@@ -66,12 +66,12 @@ import aiohttp
 
 from load_tests.bench_batching import server_info
 from load_tests.cli import positive_float, positive_int, run_async, say, write_json
-from load_tests.clients.openai_chat import served_model
+from load_tests.clients.openai_chat import StreamCut, served_model, sse_chunks
 from load_tests.guard import check_url
 from load_tests.machine import describe_machine, describe_precision, machine, server_precision
 from load_tests.prompts import BUILTIN_PROMPTS
 from load_tests.runner import WarmupFailed, warm_server
-from load_tests.server import LaunchedServer
+from load_tests.server import ServerFailed, target_server
 from load_tests.stats import fmt, markdown_table, percentile
 
 APIS = ("ws", "query", "openai")
@@ -657,25 +657,21 @@ class SoakClient:
             if r.status != 200:
                 raw = await r.read()
                 return Outcome("openai", kind, ERROR, status=r.status, code=_error_code(raw))
-            async for raw in r.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    return Outcome("openai", kind, DONE, ttft=ttft, status=200)
-                chunk = json.loads(payload)
-                if "error" in chunk:
-                    err = chunk["error"]
-                    code = err.get("code") if isinstance(err, dict) else None
-                    return Outcome("openai", kind, ERROR, ttft=ttft, code=str(code))
-                for choice in chunk.get("choices") or ():
-                    if (choice.get("delta") or {}).get("content") and ttft is None:
-                        ttft = time.perf_counter() - start
-                        if kind == "disconnect":
-                            r.close()
-                            return Outcome("openai", kind, CLIENT_CLOSED, ttft=ttft)
-            return Outcome("openai", kind, DROPPED, ttft=ttft, detail="stream ended before [DONE]")
+            try:
+                async for chunk in sse_chunks(r):
+                    if "error" in chunk:
+                        err = chunk["error"]
+                        code = err.get("code") if isinstance(err, dict) else None
+                        return Outcome("openai", kind, ERROR, ttft=ttft, code=str(code))
+                    for choice in chunk.get("choices") or ():
+                        if (choice.get("delta") or {}).get("content") and ttft is None:
+                            ttft = time.perf_counter() - start
+                            if kind == "disconnect":
+                                r.close()
+                                return Outcome("openai", kind, CLIENT_CLOSED, ttft=ttft)
+            except StreamCut as e:
+                return Outcome("openai", kind, DROPPED, ttft=ttft, detail=str(e))
+            return Outcome("openai", kind, DONE, ttft=ttft, status=200)
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -874,30 +870,18 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     warmup = default_warmup(args.duration) if args.warmup is None else args.warmup
     host = machine()
     say(describe_machine(host))
-    server, pid = None, args.pid
-    if url is None:
-        server = LaunchedServer(shlex.split(args.server_args), ready_timeout=args.ready_timeout)
-        say(f"starting: {shlex.join(server.command)}")
-        try:
-            server.start()
-        except (RuntimeError, TimeoutError) as e:
-            say(f"soak: {e}")
-            return 1
-        url, pid = server.url, server.pid
+    flags = shlex.split(args.server_args)
     try:
-        info, precision = server_info(url), server_precision(url)
-        say(f"server {url}: {json.dumps(info)}")
-        try:
+        with target_server(url, flags, args.ready_timeout, args.pid) as (url, pid, server):
+            info, precision = server_info(url), server_precision(url)
+            say(f"server {url}: {json.dumps(info)}")
             for api in APIS:
                 run_async(warm_server(url, api, 1, request_timeout=args.timeout))
-        except WarmupFailed as e:
-            say(f"soak: {url}: {e}")
-            return 1
-        run = run_async(soak(url, spec, pid, progress=not args.no_progress))
-        log = server.log_text() if server is not None else None
-    finally:
-        if server is not None:
-            server.stop()
+            run = run_async(soak(url, spec, pid, progress=not args.no_progress))
+            log = server.log_text() if server is not None else None
+    except (ServerFailed, WarmupFailed) as e:
+        say(f"soak: {e}")
+        return 1
     report = summarize(run, spec, warmup)
     header = [
         describe_machine(host),

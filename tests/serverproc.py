@@ -41,3 +41,16 @@ async def wait_no_generations(server: ServerProcess, within: float = 5.0) -> Non
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"a generation still runs {within}s after its client left")
+
+
+def delete_redis_keys(redis_url: str, prefix: str) -> None:
+    """Remove what servers under `prefix` left in the test Redis."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

@@ -16,13 +16,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis
 import websockets
 from transformers import AutoTokenizer
 
 from chatserver.config import Settings
 from chatserver.models.prompt import render
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, delete_redis_keys
 from tests.test_api_ws import recv, send, ws_url
 
 SYSTEM = {"role": "system", "content": Settings().system_prompt}
@@ -53,11 +52,7 @@ def redis_pair(redis_url: str, redis_prefix: str) -> Iterator[tuple[ServerProces
     finally:
         a.stop()
         b.stop()
-        client = redis.Redis.from_url(redis_url)
-        keys = list(client.scan_iter(match=redis_prefix + "*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        delete_redis_keys(redis_url, redis_prefix)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-import redis
 import redis.asyncio as aioredis
 import websockets
 
@@ -28,7 +27,7 @@ from chatserver.limits.rate import (
     RedisRateLimiter,
     open_rate_limiter,
 )
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, delete_redis_keys
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -252,11 +251,7 @@ def servers(redis_url: str) -> Iterator[tuple[ServerProcess, ServerProcess, Serv
     finally:
         for proc in (memory, a, b):
             proc.stop()
-        client = redis.Redis.from_url(redis_url)
-        keys = list(client.scan_iter(match=PREFIX + "*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        delete_redis_keys(redis_url, PREFIX)
 
 
 @pytest.fixture

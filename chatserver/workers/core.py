@@ -128,10 +128,10 @@ class WorkerCore:
     def _report_cache(self, out: StepOutput) -> None:
         stats = self.kv.snapshot()
         out.kv_used = self.scheduler.cached_tokens
-        out.kv_allocated = (
-            self.runner.kv_allocated() and self.kv.num_slots * self.config.max_context
-        )
-        out.kv_retained = stats.tokens_held - out.kv_used
+        # HFRunner's caches grow per sequence: no budget to compare with (0).
+        budgeted = isinstance(self.runner, LlamaRunner)
+        out.kv_allocated = self.kv.num_slots * self.config.max_context if budgeted else 0
+        out.kv_retained = stats.tokens_retained
         out.prefix_queries = stats.queries
         out.prefix_hits = stats.hits
 

@@ -231,10 +231,6 @@ class LlamaRunner:
     def release(self, seq_id: int) -> None:
         """Slots are owned by the scheduler; nothing per sequence to free here."""
 
-    def kv_allocated(self) -> int:
-        """Token positions the slot cache holds (slots x capacity), used or not."""
-        return self.slots * self.capacity
-
     # --- forward ------------------------------------------------------------
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
@@ -447,10 +443,6 @@ class HFRunner:
 
     def release(self, seq_id: int) -> None:
         self.caches.pop(seq_id, None)
-
-    def kv_allocated(self) -> int:
-        """0: each sequence's DynamicCache grows with it; there is no allocation to compare."""
-        return 0
 
     @torch.inference_mode()
     def forward(self, items: list[StepItem], active_slots: int) -> torch.Tensor:

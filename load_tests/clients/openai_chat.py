@@ -4,11 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import aiohttp
 
 from load_tests.clients.base import TEMPERATURE, StreamTimer, error_kind, http_error_kind
 from load_tests.stats import RequestResult
+
+
+class StreamCut(aiohttp.ClientPayloadError):
+    """An SSE stream ended without ``data: [DONE]`` (counted as ``disconnected``)."""
+
+
+async def sse_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+    """The JSON chunks of a streamed OpenAI response, up to ``data: [DONE]``.
+
+    Raises StreamCut when the stream ends before it.
+    """
+    async for raw in response.content:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            return
+        yield json.loads(payload)
+    raise StreamCut("stream ended before [DONE]")
 
 
 async def served_model(session: aiohttp.ClientSession, base_url: str) -> str:
@@ -49,14 +70,7 @@ class OpenAIClient:
             async with asyncio.timeout(self.timeout), self.session.post(self.url, json=body) as r:
                 if r.status != 200:
                     return timer.failed(http_error_kind(r.status, await r.read()))
-                async for raw in r.content:
-                    line = raw.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        return timer.done(usage, finish_reason)
-                    chunk = json.loads(payload)
+                async for chunk in sse_chunks(r):
                     if "error" in chunk:
                         err = chunk["error"]
                         return timer.failed(str(err.get("code") or "stream_error"))
@@ -64,6 +78,6 @@ class OpenAIClient:
                         timer.content((choice.get("delta") or {}).get("content"))
                         finish_reason = choice.get("finish_reason") or finish_reason
                     usage = chunk.get("usage") or usage
-                return timer.failed("disconnected")
+                return timer.done(usage, finish_reason)
         except Exception as e:  # noqa: BLE001 - every failure is counted by kind
             return timer.failed(error_kind(e))

@@ -244,98 +244,54 @@ def _envelope(
     }
 
 
-def chat_completion(
+def _choice(content: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+    """The one choice: ``text`` (text completions), ``message`` or ``delta`` (chat)."""
+    return {"index": 0, **content, "logprobs": None, "finish_reason": finish_reason}
+
+
+def completion(
+    text: bool,
     id: str,
     created: int,
     model: str,
-    text: str,
+    reply: str,
     finish_reason: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    cached_tokens: int = 0,
+    usage: dict[str, Any],
 ) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-    body = _envelope("chat.completion", id, created, model, [choice])
-    body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
-    return body
+    """A whole ``chat.completion``, or a ``text_completion`` when ``text``."""
+    content = {"text": reply} if text else {"message": {"role": "assistant", "content": reply}}
+    obj = "text_completion" if text else "chat.completion"
+    return {
+        **_envelope(obj, id, created, model, [_choice(content, finish_reason)]),
+        "usage": usage,
+    }
 
 
 def chunk(
+    text: bool,
     id: str,
     created: int,
     model: str,
-    delta: dict[str, str],
+    delta: dict[str, str] | str,
     finish_reason: str | None = None,
     include_usage: bool = False,
 ) -> dict[str, Any]:
-    """One ``chat.completion.chunk`` with one choice; ``usage: null`` if usage comes last."""
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    body = _envelope("chat.completion.chunk", id, created, model, [choice])
+    """One streamed chunk with one choice (``delta`` is the text itself for a text
+    completion); ``usage: null`` when usage comes last."""
+    content = {"text": delta} if text else {"delta": delta}
+    obj = "text_completion" if text else "chat.completion.chunk"
+    body = _envelope(obj, id, created, model, [_choice(content, finish_reason)])
     if include_usage:
         body["usage"] = None
     return body
 
 
 def usage_chunk(
-    id: str,
-    created: int,
-    model: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    cached_tokens: int = 0,
-    obj: str = "chat.completion.chunk",
+    text: bool, id: str, created: int, model: str, usage: dict[str, Any]
 ) -> dict[str, Any]:
     """The last chunk when ``stream_options.include_usage``: no choices, the usage."""
-    body = _envelope(obj, id, created, model, [])
-    body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
-    return body
-
-
-def text_completion(
-    id: str,
-    created: int,
-    model: str,
-    text: str,
-    finish_reason: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    cached_tokens: int = 0,
-) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    body = _envelope("text_completion", id, created, model, [choice])
-    body["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens)
-    return body
-
-
-def text_chunk(
-    id: str,
-    created: int,
-    model: str,
-    text: str,
-    finish_reason: str | None = None,
-    include_usage: bool = False,
-) -> dict[str, Any]:
-    """One streamed ``text_completion`` with one choice; ``usage: null`` if usage comes last."""
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    body = _envelope("text_completion", id, created, model, [choice])
-    if include_usage:
-        body["usage"] = None
-    return body
-
-
-def text_usage_chunk(
-    id: str,
-    created: int,
-    model: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    cached_tokens: int = 0,
-) -> dict[str, Any]:
-    """The last streamed ``text_completion`` when ``stream_options.include_usage``."""
-    return usage_chunk(
-        id, created, model, prompt_tokens, completion_tokens, cached_tokens, "text_completion"
-    )
+    obj = "text_completion" if text else "chat.completion.chunk"
+    return {**_envelope(obj, id, created, model, []), "usage": usage}
 
 
 def model_card(

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from chatserver.api.openai import protocol
 from chatserver.api.openai.protocol import (
     AnyCompletionRequest,
-    ChatCompletionRequest,
     CompletionRequest,
 )
 from chatserver.config import Settings
@@ -30,6 +29,10 @@ from chatserver.protocol.sampling import RequestParams
 if TYPE_CHECKING:
     from chatserver.api.ratelimit import ClientLimits
     from chatserver.engine.engine import GenerationStream, InferenceEngine
+
+
+def usage_of(stream: GenerationStream) -> dict[str, Any]:
+    return protocol.usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
 
 
 def check_openai(stream: GenerationStream) -> None:
@@ -165,73 +168,40 @@ class OpenAIServing:
             pass
         check_openai(stream)
         text = isinstance(request, CompletionRequest)
-        build = protocol.text_completion if text else protocol.chat_completion
-        return build(
+        return protocol.completion(
+            text,
             protocol.text_completion_id() if text else protocol.completion_id(),
             int(time.time()),
             self.engine.model_id,
             stream.text,
             protocol.openai_finish_reason(stream.finish_reason),
-            stream.prompt_tokens,
-            stream.completion_tokens,
-            stream.cached_tokens,
+            usage_of(stream),
         )
 
-    def chunks(
+    async def chunks(
         self, request: AnyCompletionRequest, stream: GenerationStream
     ) -> AsyncGenerator[dict[str, Any] | None, None]:
         """The chunks for an entered stream, in OpenAI's order: ``chat.completion.chunk``
-        objects, or streamed ``text_completion`` objects for a text completion.
+        objects (a first one naming the role), or streamed ``text_completion`` objects
+        for a text completion.
 
         None stands for a keep-alive: nothing to send for --keepalive-interval seconds.
         """
-        if isinstance(request, CompletionRequest):
-            return self._text_chunks(request, stream)
-        return self._chat_chunks(request, stream)
+        text = isinstance(request, CompletionRequest)
+        id = protocol.text_completion_id() if text else protocol.completion_id()
+        created, model, usage = int(time.time()), self.engine.model_id, request.include_usage
 
-    async def _chat_chunks(
-        self, request: ChatCompletionRequest, stream: GenerationStream
-    ) -> AsyncGenerator[dict[str, Any] | None, None]:
-        id, created, model = protocol.completion_id(), int(time.time()), self.engine.model_id
-        usage = request.include_usage
-        yield protocol.chunk(id, created, model, {"role": "assistant", "content": ""}, None, usage)
+        def chunk(delta: str | dict[str, str], reason: str | None = None) -> dict[str, Any]:
+            return protocol.chunk(text, id, created, model, delta, reason, usage)
+
+        if not text:
+            yield chunk({"role": "assistant", "content": ""})
         async for delta in stream.with_keepalive(self.settings.keepalive_interval):
             if delta is None:
                 yield None
             elif delta:
-                yield protocol.chunk(id, created, model, {"content": delta}, None, usage)
+                yield chunk(delta if text else {"content": delta})
         check_openai(stream)
-        reason = protocol.openai_finish_reason(stream.finish_reason)
-        yield protocol.chunk(id, created, model, {}, reason, usage)
+        yield chunk("" if text else {}, protocol.openai_finish_reason(stream.finish_reason))
         if usage:
-            yield protocol.usage_chunk(
-                id,
-                created,
-                model,
-                stream.prompt_tokens,
-                stream.completion_tokens,
-                stream.cached_tokens,
-            )
-
-    async def _text_chunks(
-        self, request: CompletionRequest, stream: GenerationStream
-    ) -> AsyncGenerator[dict[str, Any] | None, None]:
-        id, created, model = protocol.text_completion_id(), int(time.time()), self.engine.model_id
-        usage = request.include_usage
-        async for delta in stream.with_keepalive(self.settings.keepalive_interval):
-            if delta is None:
-                yield None
-            elif delta:
-                yield protocol.text_chunk(id, created, model, delta, None, usage)
-        check_openai(stream)
-        reason = protocol.openai_finish_reason(stream.finish_reason)
-        yield protocol.text_chunk(id, created, model, "", reason, usage)
-        if usage:
-            yield protocol.text_usage_chunk(
-                id,
-                created,
-                model,
-                stream.prompt_tokens,
-                stream.completion_tokens,
-                stream.cached_tokens,
-            )
+            yield protocol.usage_chunk(text, id, created, model, usage_of(stream))
