@@ -28,16 +28,20 @@ from chatserver.api.errors import error_middleware
 from chatserver.api.openai import api_router as openai_router
 from chatserver.api.openai.serving import OpenAIServing
 from chatserver.api.origins import cors_middleware, parse_origins
+from chatserver.api.responses import api_router as responses_router
+from chatserver.api.responses.serving import ResponsesServing
 from chatserver.api.state import (
     API_KEYS,
     CHAT,
     ENGINE,
     EXECUTOR,
     INFLIGHT,
+    LIVE,
     METRICS,
     OPENAI,
     ORIGINS,
     RATE_LIMITER,
+    RESPONSES,
     SESSIONS,
     SETTINGS,
     WEBSOCKETS,
@@ -48,6 +52,8 @@ from chatserver.limits import InFlight
 from chatserver.limits.rate import open_rate_limiter
 from chatserver.metrics import Metrics
 from chatserver.sessions import SessionStoreUnavailable, open_store
+from chatserver.sessions.live import open_live
+from chatserver.sessions.responses import open_response_store
 
 log = logging.getLogger("chatserver")
 
@@ -92,6 +98,19 @@ async def _session_store(app: web.Application) -> AsyncIterator[None]:
     await store.close()
 
 
+async def _live_channel(app: web.Application) -> AsyncIterator[None]:
+    """Sessions' live channels (Redis with --redis-url), for /ws live delivery and resume."""
+    live = open_live(app[SETTINGS])
+    try:
+        await live.check()
+    except BaseException:
+        await live.close()
+        raise
+    app[LIVE] = live
+    yield
+    await live.close()
+
+
 async def _rate_limiter(app: web.Application) -> AsyncIterator[None]:
     app[RATE_LIMITER] = open_rate_limiter(app[SETTINGS])
     yield
@@ -119,7 +138,11 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     app[CHAT] = ChatService(app[ENGINE], app[SESSIONS], settings, app[INFLIGHT])
     app[OPENAI] = OpenAIServing(app[ENGINE], settings, app[INFLIGHT])
+    app[RESPONSES] = ResponsesServing(
+        app[ENGINE], open_response_store(app[SESSIONS]), settings, app[INFLIGHT], app[OPENAI]
+    )
     yield
+    await app[RESPONSES].close()
 
 
 async def _close_websockets(app: web.Application) -> None:
@@ -153,13 +176,22 @@ def build_app(settings: Settings) -> web.Application:
     app[INFLIGHT] = InFlight()
     app[METRICS] = Metrics()
     app.cleanup_ctx.extend(
-        [reload_on_sighup(keys), _thread_pool, _session_store, _rate_limiter, _engine, _services]
+        [
+            reload_on_sighup(keys),
+            _thread_pool,
+            _session_store,
+            _live_channel,
+            _rate_limiter,
+            _engine,
+            _services,
+        ]
     )
     app.on_shutdown.extend([_close_websockets, _drain])
     health.setup_routes(app)
     ws.setup_routes(app)
     chat_router.setup_routes(app)
     openai_router.setup_routes(app)
+    responses_router.setup_routes(app)
     page.setup_routes(app)
     openapi.setup_routes(app)
     request_id.setup(app)

@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = Path(os.environ.get("CHATSERVER_MODELS_DIR", REPO_ROOT / "models"))
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
-ENGINES = ("auto", "gpu", "pool", "thread", "inline")
+ENGINES = ("auto", "gpu", "pool", "ray", "thread", "inline")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 LOG_FORMATS = ("text", "json")
 
@@ -61,12 +61,36 @@ class Settings:
         metadata={
             "help": "where inference runs: auto (gpu worker on CUDA, else the measured best "
             "CPU setup), gpu (one batching worker process per device), pool (CPU worker "
-            "processes), thread / inline (demonstrations only)",
+            "processes), ray (workers as Ray actors, local or on a cluster: --ray-*), "
+            "thread / inline (demonstrations only)",
             "choices": ENGINES,
         },
     )
     workers: int = field(
         default=0, metadata={"help": "worker processes for --engine pool (0: fit the cores)"}
+    )
+    ray_address: str = field(
+        default="",
+        metadata={
+            "help": "--engine ray: the Ray cluster to join, its head's address (host:6379) or "
+            "auto (the cluster `ray start` joined this machine to); empty: start a local "
+            "Ray instance for this server"
+        },
+    )
+    ray_workers: int = field(default=1, metadata={"help": "--engine ray: worker actors"})
+    ray_cpus_per_worker: float = field(
+        default=0.0,
+        metadata={
+            "help": "--engine ray: CPUs each worker actor reserves (its torch threads); "
+            "0: this machine's cores / --ray-workers"
+        },
+    )
+    ray_gpus_per_worker: float = field(
+        default=0.0,
+        metadata={
+            "help": "--engine ray: GPUs each worker actor reserves (0.5: two share one); "
+            "0: CPU actors"
+        },
     )
     device: str = field(
         default="auto", metadata={"help": "torch device for workers: auto, cpu, cuda, cuda:N"}
@@ -244,6 +268,21 @@ class Settings:
     )
     ws_heartbeat: float = field(
         default=30.0, metadata={"help": "seconds between WebSocket keepalive pings"}
+    )
+    ws_resume_grace: float = field(
+        default=0.0,
+        metadata={
+            "help": "seconds a /ws reply keeps generating after its socket closes, for the "
+            "client to resume it from another socket (any server on --redis-url); a reply "
+            "nobody resumes within it is cancelled. 0: a closed socket cancels its reply at once"
+        },
+    )
+    live_ttl: float = field(
+        default=300.0,
+        metadata={
+            "help": "seconds a session's live channel (its replies' frames, for other sockets "
+            "on the session and for resume) is kept after its last frame"
+        },
     )
     rate_limit: int = field(
         default=0,

@@ -147,6 +147,12 @@ class Metrics:
             buckets=STEP_BUCKETS,
             registry=r,
         )
+        self.grammar_seconds = Counter(
+            p + "grammar_mask_seconds",
+            "Worker time computing constrained decoding's token masks and advancing its "
+            "matchers (workers/grammar.py), part of worker_step_seconds.",
+            registry=r,
+        )
         self.batch_size = Histogram(
             p + "batch_size",
             "Sequences in one worker decoding step.",

@@ -43,3 +43,13 @@ def server() -> Iterator[ServerProcess]:
 @pytest.fixture(scope="session")
 def server_url(server: ServerProcess) -> str:
     return server.url
+
+
+@pytest.fixture(scope="session")
+def exact_server() -> Iterator[ServerProcess]:
+    """float32, for tests that compare greedy texts (int8 and bf16 are not invariant to
+    how a prompt is split into cached and computed parts; README Precision). Shared by
+    the Responses API's and openai-agents' tests."""
+    proc = ServerProcess("--dtype", "float32", "--log-level", "warning").wait_ready()
+    yield proc
+    proc.stop()

@@ -84,7 +84,8 @@ def test_parse_request() -> None:
         ({"model": "m"}, "messages"),
         ({"model": "m", "messages": []}, "messages"),
         ({"model": "m", "messages": ["hi"]}, "messages[0]"),
-        ({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        # The legacy "function" role is refused ("tool" messages are accepted).
+        ({"model": "m", "messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
         ({"model": "m", "messages": [{"role": "user"}]}, "messages[0].content"),
         (
             {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
@@ -136,17 +137,8 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 @pytest.mark.parametrize(
     ("name", "refused", "no_op"),
     [
-        ("tools", [TOOL], []),
-        ("tool_choice", "auto", "none"),
-        ("tool_choice", "required", "none"),
-        ("tool_choice", {"type": "function", "function": {"name": "f"}}, "none"),
-        ("parallel_tool_calls", False, None),
         ("functions", [TOOL["function"]], []),
         ("function_call", "auto", "none"),
-        ("response_format", {"type": "json_object"}, {"type": "text"}),
-        ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}, None),
-        ("logprobs", True, False),
-        ("top_logprobs", 2, None),
         ("modalities", ["text", "audio"], ["text"]),
         ("audio", {"voice": "alloy", "format": "wav"}, None),
         ("web_search_options", {}, None),
@@ -182,8 +174,8 @@ def test_parse_request_ignores_what_changes_nothing() -> None:
     }
     assert parse_chat_completion({"model": "m", "messages": HELLO, **ignored}).messages == HELLO
     with pytest.raises(ApiError) as info:
-        parse_chat_completion({"model": "m", "messages": HELLO, **ignored, "logprobs": True})
-    assert info.value.param == "logprobs"
+        parse_chat_completion({"model": "m", "messages": HELLO, **ignored, "store": True})
+    assert info.value.param == "store"
 
 
 def test_parse_completion() -> None:
@@ -219,7 +211,7 @@ def test_parse_completion() -> None:
         ({"model": "m", "prompt": "x", "n": 2}, "n"),
         ({"model": "m", "prompt": "x", "best_of": 2}, "best_of"),
         ({"model": "m", "prompt": "x", "echo": True}, "echo"),
-        ({"model": "m", "prompt": "x", "logprobs": 0}, "logprobs"),
+        ({"model": "m", "prompt": "x", "logprobs": 21}, "logprobs"),
         ({"model": "m", "prompt": "x", "suffix": " end"}, "suffix"),
         ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
         ({"model": "m", "prompt": "x", "presence_penalty": 9}, "presence_penalty"),
@@ -421,10 +413,10 @@ async def test_typed_template_markers_are_text(client: AsyncOpenAI) -> None:
 
 async def test_unsupported_and_out_of_range_parameters_are_400(client: AsyncOpenAI) -> None:
     refused: list[tuple[str, dict[str, Any]]] = [
-        ("tools", {"tools": [TOOL]}),
-        ("tool_choice", {"tool_choice": "required"}),
-        ("response_format", {"response_format": {"type": "json_object"}}),
-        ("logprobs", {"logprobs": True, "top_logprobs": 2}),
+        ("tool_choice", {"tool_choice": "required"}),  # without tools
+        ("response_format", {"response_format": {"type": "yaml"}}),
+        ("top_logprobs", {"logprobs": True, "top_logprobs": 21}),
+        ("top_logprobs", {"top_logprobs": 2}),  # without logprobs: true
         ("presence_penalty", {"presence_penalty": 5.0}),
         ("frequency_penalty", {"frequency_penalty": -2.5}),
         ("logit_bias", {"logit_bias": {str(CAT): 150}}),
@@ -457,7 +449,7 @@ async def test_unknown_v1_routes_answer_in_openai_shape(
         await client.embeddings.create(model=MODEL, input="hi")
     assert (info.value.code, info.value.type) == ("not_found", "invalid_request_error")
     async with aiohttp.ClientSession() as http:
-        async with http.post(server.url + "/v1/responses", json={"model": MODEL}) as r:
+        async with http.post(server.url + "/v1/embeddings", json={"model": MODEL}) as r:
             assert r.status == 404
             error = (await r.json())["error"]
         assert {"message", "type", "param", "code"} <= set(error)

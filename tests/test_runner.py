@@ -218,3 +218,14 @@ def test_compiled_runner_matches_eager(hf_model, tokenizer):
         got = compiled.forward(items, len(prompts))
         assert torch.allclose(got, expected, atol=1e-3, rtol=1e-3)
         assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
+
+
+def test_slots_hold_the_full_context_from_the_start(hf_model, tokenizer):
+    """A long prompt never reallocates the cache: growing positions would copy every
+    slot of every layer while the whole batch waits."""
+    runner = LlamaRunner(hf_model, 512)
+    assert runner.capacity == 512
+    before = [t.data_ptr() for t in (*runner.k_cache, *runner.v_cache)]
+    ids = tokenizer("word " * 400)["input_ids"][:450]
+    runner.forward([StepItem(1, 0, ids, 0, True)], 1)
+    assert [t.data_ptr() for t in (*runner.k_cache, *runner.v_cache)] == before

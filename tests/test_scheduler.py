@@ -163,3 +163,22 @@ def test_plan_names_sequences_scheduled_for_the_first_time_and_cache_use():
     plan, _ = run_step(s)
     assert [q.seq_id for q in plan.admitted] == [2]
     assert s.cached_tokens == 5 + 4
+
+
+def test_identical_prompts_sent_together_are_prefilled_once():
+    """The n choices of one request: the first computes the prompt, the rest copy it."""
+    s = BatchScheduler(max_batch=4, prefill_chunk=256, max_context=400)
+    prompt = list(range(100, 300))
+    for i in range(3):
+        s.add(Sequence(i, list(prompt), SamplingParams(max_tokens=4)))
+    s.add(Sequence(9, list(range(500, 520)), SamplingParams(max_tokens=4)))
+    plan, _ = run_step(s)
+    # The siblings wait; an unrelated prompt behind them is admitted meanwhile.
+    assert [it.seq_id for it in plan.items] == [0, 9]
+    plan, _ = run_step(s)
+    # Slot 0's rows reach both siblings (the second copies them from the first).
+    assert [(op.dst, op.length) for op in s.take_ops()] == [(2, 192), (3, 192)]
+    assert [(it.seq_id, it.start, len(it.token_ids)) for it in plan.items[2:]] == [
+        (1, 192, 8),
+        (2, 192, 8),
+    ]

@@ -35,7 +35,7 @@ from chatserver.protocol.sampling import (
     MAX_STOP_STRINGS,
     PARAM_NAMES,
 )
-from chatserver.protocol.ws import MAX_ID_LENGTH
+from chatserver.protocol.ws import MAX_ID_LENGTH, MAX_OFFSET
 from chatserver.protocol.ws import PARAM_NAMES as WS_PARAMS
 
 PATH = "/openapi.json"
@@ -150,6 +150,182 @@ def _unsupported(table: dict[str, tuple[Any, str]]) -> dict[str, Schema]:
         }
     return properties
 
+
+_FUNCTION_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+TOOL_CALL = _object(
+    {
+        "id": {"type": "string"},
+        "type": {"const": "function"},
+        "function": _object(
+            {"name": {"type": "string"}, "arguments": {"type": "string"}}, ["name", "arguments"]
+        ),
+    },
+    ["id", "type", "function"],
+)
+# In a request's history: fields beside these are ignored, as everywhere in OpenAI bodies.
+REQUEST_TOOL_CALL = {
+    "type": "object",
+    "properties": {
+        "id": {"type": ["string", "null"]},
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "minLength": 1},
+                "arguments": {"type": ["string", "object"]},
+            },
+            "required": ["name"],
+        },
+    },
+    "required": ["function"],
+}
+TOOL_CALL_DELTA = _object(
+    {
+        "index": {"type": "integer", "minimum": 0},
+        "id": {"type": "string"},
+        "type": {"const": "function"},
+        "function": _object(
+            {"name": {"type": "string"}, "arguments": {"type": "string"}}, ["arguments"]
+        ),
+    },
+    ["index", "function"],
+    description="A call's first delta has its id, type and name; the next its arguments.",
+)
+TOOL_PARAMS: dict[str, Schema] = {
+    "tools": {
+        "type": "array",
+        "maxItems": 128,
+        "items": {
+            "type": "object",
+            "properties": {
+                "type": {"const": "function"},
+                "function": {
+                    "type": "object",
+                    "properties": {
+                        "name": _FUNCTION_NAME,
+                        "description": {"type": ["string", "null"]},
+                        "parameters": {
+                            "type": ["object", "null"],
+                            "description": "The arguments' JSON schema (of type object).",
+                        },
+                        "strict": {"type": ["boolean", "null"]},
+                    },
+                    "required": ["name"],
+                },
+            },
+            "required": ["type", "function"],
+        },
+        "description": "Functions the model may call (in its system prompt, Hermes format).",
+    },
+    "tool_choice": {
+        "anyOf": [
+            {"enum": ["none", "auto", "required"]},
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"const": "function"},
+                    "function": {
+                        "type": "object",
+                        "properties": {"name": _FUNCTION_NAME},
+                        "required": ["name"],
+                    },
+                },
+                "required": ["type", "function"],
+            },
+        ],
+        "description": "`required` and a named function are guaranteed by constrained "
+        "decoding (arguments valid for the function's schema); `auto` is parsed from the "
+        "model's reply. Default: `auto` with tools, else `none`.",
+    },
+    "parallel_tool_calls": {
+        "type": "boolean",
+        "description": "Whether a reply may make several calls (default true).",
+    },
+}
+
+_LOGPROB_TOKEN = {
+    "token": {"type": "string"},
+    "logprob": {"type": "number", "maximum": 0},
+    "bytes": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}},
+}
+CHAT_LOGPROBS = _nullable(
+    _object(
+        {
+            "content": {
+                "type": "array",
+                "items": _object(
+                    {
+                        **_LOGPROB_TOKEN,
+                        "top_logprobs": {
+                            "type": "array",
+                            "maxItems": 20,
+                            "items": _object(_LOGPROB_TOKEN, ["token", "logprob", "bytes"]),
+                        },
+                    },
+                    ["token", "logprob", "bytes", "top_logprobs"],
+                ),
+            },
+            "refusal": {"type": "null"},
+        },
+        ["content", "refusal"],
+        description="With `logprobs: true`: each generated token's logprob under the "
+        "distribution it was sampled from (after temperature, top-k/top-p and any "
+        "grammar; greedy: at temperature 1), and its `top_logprobs` alternatives.",
+    )
+)
+TEXT_LOGPROBS = _nullable(
+    _object(
+        {
+            "tokens": {"type": "array", "items": {"type": "string"}},
+            "token_logprobs": {"type": "array", "items": {"type": "number", "maximum": 0}},
+            "top_logprobs": {
+                "type": "array",
+                "items": {"type": "object", "additionalProperties": {"type": "number"}},
+            },
+            "text_offset": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        },
+        ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
+    )
+)
+# The structured-output and logprobs parameters (api/openai/structured.py).
+STRUCTURED_PARAMS: dict[str, Schema] = {
+    "response_format": {
+        "anyOf": [
+            # Fields beside the ones read are ignored, as elsewhere in OpenAI bodies.
+            _object(
+                {"type": {"enum": ["text", "json_object"]}}, ["type"], additionalProperties=True
+            ),
+            _object(
+                {
+                    "type": {"const": "json_schema"},
+                    "json_schema": {
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1, "maxLength": 64},
+                            "description": {"type": ["string", "null"]},
+                            "schema": {"type": "object", "description": "A JSON schema."},
+                            "strict": {"type": ["boolean", "null"]},
+                        },
+                        "required": ["name"],
+                    },
+                },
+                ["type", "json_schema"],
+                additionalProperties=True,
+            ),
+            {"type": "null"},
+        ],
+        "description": "Constrained decoding: the reply is guaranteed to be a JSON object "
+        "(`json_object`) or valid for the schema (`json_schema`; `strict: true` refuses "
+        "keywords that cannot be enforced, else they are ignored). Extensions: "
+        '`{"type": "regex", "regex": "..."}` and `{"type": "grammar", "grammar": "<Lark>"}`. '
+        "A schema, regex or grammar that does not compile is a 400.",
+    },
+    "logprobs": {
+        "type": ["boolean", "null"],
+        "description": "Return each token's logprob; with `top_logprobs` (0 to 20, only "
+        "with `logprobs: true`) that many most likely alternatives too.",
+    },
+}
 
 NATIVE_USAGE = _object(
     {
@@ -296,14 +472,51 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "ChatMessage": {
         "type": "object",
+        "description": "An assistant message with `tool_calls` may have null content; a "
+        "`tool` message answers the call named by `tool_call_id`.",
+        "allOf": [
+            {
+                "anyOf": [
+                    {
+                        "properties": {
+                            "role": {"const": "assistant"},
+                            "tool_calls": {"type": "array", "minItems": 1},
+                        },
+                        "required": ["role", "tool_calls"],
+                    },
+                    {
+                        "properties": {"content": {"type": ["string", "array"]}},
+                        "required": ["content"],
+                    },
+                ]
+            },
+            {
+                "if": {"properties": {"role": {"const": "tool"}}, "required": ["role"]},
+                "then": {
+                    "required": ["tool_call_id"],
+                    "properties": {"tool_call_id": {"type": "string", "minLength": 1}},
+                },
+            },
+            {
+                "if": {"properties": {"role": {"not": {"const": "assistant"}}}},
+                "then": {"properties": {"tool_calls": {"type": "null"}}},
+            },
+            {
+                "if": {"properties": {"role": {"not": {"const": "tool"}}}},
+                "then": {"properties": {"tool_call_id": {"type": "null"}}},
+            },
+        ],
         "properties": {
             "role": {
                 "enum": list(ROLES),
                 "description": "`developer` is taken as `system`.",
             },
+            "tool_calls": {"type": ["array", "null"], "items": REQUEST_TOOL_CALL},
+            "tool_call_id": {"type": ["string", "null"]},
             "content": {
                 "anyOf": [
                     {"type": "string"},
+                    {"type": "null"},
                     {
                         "type": "array",
                         "items": {
@@ -331,6 +544,9 @@ SCHEMAS: dict[str, Schema] = {
                 "not read.",
             },
             **_unsupported(UNSUPPORTED_CHAT),
+            # null is the same as leaving a field out, as for every OpenAI field.
+            **{name: _nullable(schema) for name, schema in TOOL_PARAMS.items()},
+            **{name: _nullable(schema) for name, schema in STRUCTURED_PARAMS.items()},
         },
         "required": ["model", "messages"],
     },
@@ -355,6 +571,12 @@ SCHEMAS: dict[str, Schema] = {
             **_STREAMING,
             **_params(PARAM_NAMES),
             **_unsupported(UNSUPPORTED_COMPLETION),
+            "logprobs": {
+                "type": ["integer", "null"],
+                "minimum": 0,
+                "maximum": 20,
+                "description": "Return each token's logprob and this many alternatives.",
+            },
         },
         "required": ["model", "prompt"],
     },
@@ -374,11 +596,15 @@ SCHEMAS: dict[str, Schema] = {
                     {
                         "index": {"const": 0},
                         "message": _object(
-                            {"role": {"const": "assistant"}, "content": {"type": "string"}},
+                            {
+                                "role": {"const": "assistant"},
+                                "content": {"type": ["string", "null"]},
+                                "tool_calls": {"type": "array", "items": TOOL_CALL},
+                            },
                             ["role", "content"],
                         ),
-                        "logprobs": {"type": "null"},
-                        "finish_reason": {"enum": ["stop", "length"]},
+                        "logprobs": CHAT_LOGPROBS,
+                        "finish_reason": {"enum": ["stop", "length", "tool_calls"]},
                     },
                     ["index", "message", "logprobs", "finish_reason"],
                 ),
@@ -401,10 +627,15 @@ SCHEMAS: dict[str, Schema] = {
                     {
                         "index": {"const": 0},
                         "delta": _object(
-                            {"role": {"const": "assistant"}, "content": {"type": "string"}}, []
+                            {
+                                "role": {"const": "assistant"},
+                                "content": {"type": ["string", "null"]},
+                                "tool_calls": {"type": "array", "items": TOOL_CALL_DELTA},
+                            },
+                            [],
                         ),
-                        "logprobs": {"type": "null"},
-                        "finish_reason": {"enum": ["stop", "length", None]},
+                        "logprobs": CHAT_LOGPROBS,
+                        "finish_reason": {"enum": ["stop", "length", "tool_calls", None]},
                     },
                     ["index", "delta", "logprobs", "finish_reason"],
                 ),
@@ -443,7 +674,7 @@ SCHEMAS: dict[str, Schema] = {
         {
             "index": {"const": 0},
             "text": {"type": "string"},
-            "logprobs": {"type": "null"},
+            "logprobs": TEXT_LOGPROBS,
             "finish_reason": {"enum": ["stop", "length", None]},
         },
         ["index", "text", "logprobs", "finish_reason"],
@@ -537,6 +768,7 @@ WS_ERROR_CODES = [
     "unknown_id",
     "nothing_to_cancel",
     "unauthorized",
+    "reply_not_found",
     # the turn (api/errors.py maps these once, for HTTP too)
     "session_not_found",
     "context_length_exceeded",
@@ -585,9 +817,26 @@ SCHEMAS |= {
         },
         "required": ["type", "api_key"],
     },
+    "WsResumeFrame": {
+        "type": "object",
+        "description": "Reply `id` again from character `offset` on (a client that reconnected), "
+        "then live to its end: token frames, then its done or error frame.",
+        "properties": {
+            "type": {"const": "resume"},
+            "id": _WS_ID,
+            "offset": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET},
+            "session_id": _nullable(_WS_ID),
+        },
+        "required": ["type", "id"],
+    },
     "WsClientFrame": {
         "description": "A text frame holding one JSON object; anything else gets an error frame.",
-        "oneOf": [_ref("WsChatFrame"), _ref("WsCancelFrame"), _ref("WsAuthFrame")],
+        "oneOf": [
+            _ref("WsChatFrame"),
+            _ref("WsCancelFrame"),
+            _ref("WsResumeFrame"),
+            _ref("WsAuthFrame"),
+        ],
     },
     "WsServerFrame": {
         "oneOf": [
@@ -597,9 +846,32 @@ SCHEMAS |= {
                 description="A session was created or resumed.",
             ),
             _object(
-                {"type": {"const": "token"}, "id": _WS_ID, "content": {"type": "string"}},
+                {
+                    "type": {"const": "token"},
+                    "id": _WS_ID,
+                    "content": {"type": "string"},
+                    "offset": {"type": "integer", "minimum": 0},
+                },
                 ["type", "id", "content"],
-                description="Reply text as it is generated.",
+                description="Reply text as it is generated; `offset`: where `content` starts "
+                "in the reply, in code points (what `resume` takes).",
+            ),
+            _object(
+                {
+                    "type": {"const": "live"},
+                    "session_id": {"type": "string"},
+                    "frame": {
+                        "type": "object",
+                        "properties": {
+                            "type": {"enum": ["user", "token", "done", "error"]},
+                            "id": _WS_ID,
+                        },
+                        "required": ["type", "id"],
+                    },
+                },
+                ["type", "session_id", "frame"],
+                description="A reply another socket on this socket's session produced (any "
+                "server on the Redis): its user message, then its token, done or error frames.",
             ),
             _object(
                 {

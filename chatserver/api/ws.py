@@ -16,13 +16,22 @@ key, or none within AUTH_TIMEOUT_S, gets ``unauthorized`` and close code 4401.
 
 Every error frame goes out through ``ChatSocket._send``, which adds the
 upgrade request's id and counts refusals in requests_rejected_total.
+
+Live delivery (``chatserver.sessions.live``): a reply's frames also go to its
+session's channel, and a socket follows the channel of its session (from
+``?session_id`` or its latest chat) to forward other sockets' replies as
+``live`` frames. A ``resume`` frame replays a reply from an offset and follows
+it to its end. With ``--ws-resume-grace`` a reply outlives its closed socket
+that long, and to its end once someone resumes it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections import deque
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +50,7 @@ from chatserver.api.errors import to_api_error
 from chatserver.api.origins import check_websocket_origin
 from chatserver.api.ratelimit import ClientLimits, client_limits
 from chatserver.api.request_id import request_id_of
-from chatserver.api.state import API_KEYS, CHAT, METRICS, ORIGINS, SETTINGS, WEBSOCKETS
+from chatserver.api.state import API_KEYS, CHAT, LIVE, METRICS, ORIGINS, SETTINGS, WEBSOCKETS
 from chatserver.config import Settings
 from chatserver.errors import ApiError, retry_after_seconds
 from chatserver.limits import FrameThrottle
@@ -51,12 +60,24 @@ from chatserver.protocol.ws import (
     CancelFrame,
     ChatFrame,
     FrameError,
+    ResumeFrame,
     done_frame,
     encode,
     error_frame,
+    live_frame,
     parse_client_frame,
     session_frame,
     token_frame,
+    user_frame,
+)
+from chatserver.sessions.live import (
+    REPLY_FRAMES,
+    LiveChannel,
+    LiveUnavailable,
+    ReplyInfo,
+    ReplyPublisher,
+    hold_detached,
+    pos_key,
 )
 
 if TYPE_CHECKING:
@@ -85,6 +106,7 @@ class _Job:
     client_gone: bool = False  # cancelled because the socket closed
     stream: GenerationStream | None = None  # once generation started
     task: asyncio.Task[None] | None = None  # answering it, once taken from the queue
+    publisher: ReplyPublisher | None = None  # its frames to the session's channel
 
     def cancel(self, client_gone: bool = False) -> None:
         self.cancelled = True
@@ -110,6 +132,7 @@ class ChatSocket:
         keys: KeyRing,
         request_id: str | None = None,
         metrics: Metrics | None = None,
+        live: LiveChannel | None = None,
     ):
         self.ws = ws
         self.chat = chat
@@ -126,6 +149,13 @@ class ChatSocket:
         self._closed = False
         self._throttle = FrameThrottle(settings.ws_rate)
         self._counter = 0
+        self.live = live
+        self.origin = secrets.token_hex(8)  # marks this socket's frames in channels
+        self._follow: asyncio.Task[None] | None = None  # forwarding the session's channel
+        # Resumed replies being relayed: id -> (session, task); and every reply this
+        # socket resumed: id -> its start position, so it is not forwarded twice.
+        self._resumes: dict[str, tuple[str, asyncio.Task[None]]] = {}
+        self._adopted: dict[str, str] = {}
 
     async def run(self, resume: str | None) -> None:
         answers = asyncio.create_task(self._answer_loop())
@@ -159,12 +189,15 @@ class ChatSocket:
         except ConnectionError:
             pass  # the reader sees the socket close and cleans up
 
-    async def _send_error(self, exc: BaseException, message_id: str | None) -> None:
+    async def _send_error(self, exc: BaseException, message_id: str | None) -> dict[str, Any]:
+        """Send the error frame of `exc`; the frame (as others on the session may see it)."""
         err = to_api_error(exc)
         if err.code == "internal_error":
             log.error("websocket message %s failed", message_id, exc_info=exc)
         retry_after = None if err.retry_after is None else retry_after_seconds(err.retry_after)
-        await self._send(error_frame(err.code, err.message, message_id, retry_after))
+        frame = error_frame(err.code, err.message, message_id, retry_after)
+        await self._send(dict(frame))
+        return frame
 
     async def _resume(self, session_id: str) -> None:
         try:
@@ -175,8 +208,117 @@ class ChatSocket:
         if not found:
             await self._send_error(session_not_found(session_id), None)
             return
+        await self._attach(session_id)
+
+    async def _attach(self, session_id: str) -> None:
+        """Make `session_id` the socket's session: tell the client, forward its channel."""
         self.session_id = session_id
+        after = None
+        if self.live is not None:
+            try:  # from here on: a reply starting after the session frame is not missed
+                after = await self.live.last_pos(session_id)
+            except LiveUnavailable as exc:
+                log.warning("session %s: no live delivery to this socket: %s", session_id, exc)
         await self._send(session_frame(session_id))
+        self._forward_session(session_id if after is not None else None, after)
+
+    def _forward_session(self, session_id: str | None, after: str | None = None) -> None:
+        if self._follow is not None:
+            self._follow.cancel()
+            self._follow = None
+        if self.live is not None and session_id is not None and not self._closed:
+            self._follow = asyncio.create_task(self._forward(self.live, session_id, after))
+
+    async def _forward(self, live: LiveChannel, session_id: str, after: str | None) -> None:
+        """Other sockets' replies in this socket's session, as live frames."""
+        try:
+            async with aclosing(live.follow(session_id, after)) as entries:
+                async for entry in entries:
+                    frame, reply_id = entry.frame, entry.frame.get("id")
+                    if entry.origin == self.origin or frame.get("type") not in REPLY_FRAMES:
+                        continue
+                    if reply_id in self._adopted:  # this socket resumed it: sent plain
+                        if frame["type"] != "user" or pos_key(entry.pos) <= pos_key(
+                            self._adopted[reply_id]
+                        ):
+                            continue
+                        del self._adopted[reply_id]  # a newer reply under that id
+                    await self._send(live_frame(session_id, frame))
+        except LiveUnavailable as exc:
+            log.warning("session %s: live delivery to a socket stopped: %s", session_id, exc)
+
+    def _announce(self, live: LiveChannel, session_id: str, frame: dict[str, Any]) -> None:
+        """Tell the server generating a resumed reply about its new client (resume, cancel)."""
+
+        async def publish() -> None:
+            try:
+                await live.publish(session_id, self.origin, [frame])
+            except LiveUnavailable as exc:
+                log.warning("session %s: could not announce %s: %s", session_id, frame, exc)
+
+        live.spawn(publish())
+
+    async def _on_resume(self, frame: ResumeFrame) -> None:
+        """Send a reply again from an offset (a client that reconnected), then follow it."""
+        session_id = frame.session_id or self.session_id
+        live = self.live
+        if live is None or session_id is None:
+            await self._send(
+                error_frame(
+                    "invalid_field",
+                    "resume needs a session: connect with ?session_id=... or name 'session_id'",
+                    frame.id,
+                )
+            )
+            return
+        if self._in_flight(frame.id):
+            await self._send(
+                error_frame("duplicate_id", f"message {frame.id!r} is already running", frame.id)
+            )
+            return
+        try:
+            found = await self.chat.sessions.exists(session_id, owner=self.caller.owner)
+            reply = await live.find_reply(session_id, frame.id) if found else None
+        except Exception as exc:
+            await self._send_error(exc, frame.id)
+            return
+        if not found:
+            await self._send_error(session_not_found(session_id), frame.id)
+            return
+        if reply is None:
+            message = (
+                f"no reply {frame.id!r} to resume in session {session_id!r} (unknown, or its "
+                f"last frame is over {live.ttl:g} s old: --live-ttl)"
+            )
+            await self._send(error_frame("reply_not_found", message, frame.id))
+            return
+        if reply.finished and frame.offset > reply.length:
+            message = (
+                f"'offset' {frame.offset} is past the end of reply {frame.id!r} "
+                f"({reply.length} characters)"
+            )
+            await self._send(error_frame("invalid_field", message, frame.id))
+            return
+        if session_id != self.session_id:
+            await self._attach(session_id)
+        self._adopted[frame.id] = reply.start
+        if not reply.finished:
+            self._announce(live, session_id, {"type": "resume", "id": frame.id})
+        task = asyncio.create_task(self._relay(live, session_id, frame.id, reply, frame.offset))
+        self._resumes[frame.id] = (session_id, task)
+
+    async def _relay(
+        self, live: LiveChannel, session_id: str, reply_id: str, reply: ReplyInfo, offset: int
+    ) -> None:
+        try:
+            frames = live.reply_frames(session_id, reply_id, reply, offset)
+            async with aclosing(frames) as replay:
+                async for frame in replay:
+                    await self._send(frame)
+        except LiveUnavailable as exc:
+            await self._send_error(exc, reply_id)
+        finally:
+            self._resumes.pop(reply_id, None)
 
     async def _on_text(self, text: str) -> None:
         try:
@@ -192,13 +334,15 @@ class ChatSocket:
                 )
         elif isinstance(frame, CancelFrame):
             await self._cancel(frame.id)
+        elif isinstance(frame, ResumeFrame):
+            await self._on_resume(frame)
         else:
             await self._enqueue(frame)
 
     def _in_flight(self, message_id: str) -> bool:
         if self._running is not None and self._running.id == message_id:
             return True
-        return any(job.id == message_id for job in self._pending)
+        return message_id in self._resumes or any(job.id == message_id for job in self._pending)
 
     def _new_id(self) -> str:
         while True:
@@ -237,6 +381,13 @@ class ChatSocket:
                 self._pending.remove(job)
                 await self._send(done_frame(job.id, "cancelled", 0, 0))
                 return
+        if message_id in self._resumes and self.live is not None:
+            # Resumed: the server generating it stops it if its own socket has gone
+            # (then its done frame, cancelled, comes through the channel).
+            self._announce(
+                self.live, self._resumes[message_id][0], {"type": "cancel", "id": message_id}
+            )
+            return
         if message_id is None:
             await self._send(error_frame("nothing_to_cancel", "no message is being answered"))
         else:
@@ -280,11 +431,18 @@ class ChatSocket:
                 if job.cancelled:
                     stream.cancel(job.client_gone)
                 if turn.session_id != self.session_id:
-                    self.session_id = turn.session_id
-                    await self._send(session_frame(turn.session_id))
+                    await self._attach(turn.session_id)
+                if self.live is not None:
+                    job.publisher = ReplyPublisher(self.live, turn.session_id, self.origin)
+                    job.publisher.send(user_frame(job.id, frame.content))
+                offset = 0
                 async for delta in stream:
                     if delta:
-                        await self._send(token_frame(job.id, delta))
+                        token = token_frame(job.id, delta, offset)
+                        offset += len(delta)
+                        await self._send(token)
+                        if job.publisher is not None:
+                            job.publisher.send(token)
         except Exception as exc:
             if (
                 isinstance(exc, ApiError)
@@ -292,10 +450,13 @@ class ChatSocket:
                 and not frame.session_id
             ):
                 self.session_id = None  # expired or deleted: the next message starts a new one
-            await self._send_error(exc, job.id)
+                self._forward_session(None)
+            sent = await self._send_error(exc, job.id)
+            if job.publisher is not None:
+                job.publisher.send(sent)
             return
-        await self._send(
-            done_frame(
+        else:
+            done = done_frame(
                 job.id,
                 stream.finish_reason,
                 stream.prompt_tokens,
@@ -303,15 +464,31 @@ class ChatSocket:
                 turn.stored,
                 cached_tokens=stream.cached_tokens,
             )
-        )
+            await self._send(done)
+            if job.publisher is not None:
+                job.publisher.send(done)
+        finally:
+            if job.publisher is not None:  # cut off (cancelled task): end it for followers
+                job.publisher.finish(done_frame(job.id, "cancelled", 0, 0))
 
     async def _close(self, answers: asyncio.Task[None]) -> None:
         """Drop queued messages, cancel the running one, let the answer loop end."""
         self._closed = True
         self._pending.clear()
-        if self._running is not None:
-            self._running.cancel(client_gone=True)
+        running = self._running
+        detached = running is not None and self._detach(running)
+        if running is not None and not detached:
+            running.cancel(client_gone=True)
         self._wakeup.set()
+        live_tasks = [task for _, task in self._resumes.values()]
+        if self._follow is not None:
+            live_tasks.append(self._follow)
+        for task in live_tasks:
+            task.cancel()
+        await asyncio.gather(*live_tasks, return_exceptions=True)
+        if detached and self.live is not None:
+            self.live.keep(answers)  # the answer loop ends with the detached reply
+            return
         try:
             await asyncio.wait({answers}, timeout=CLOSE_GRACE_S)
         finally:
@@ -319,6 +496,24 @@ class ChatSocket:
                 answers.cancel()
             elif not answers.cancelled() and answers.exception() is not None:
                 log.error("websocket answer loop failed", exc_info=answers.exception())
+
+    def _detach(self, job: _Job) -> bool:
+        """Leave a running reply generating after its socket closed, for a resume elsewhere.
+
+        For --ws-resume-grace seconds, and to its end once resumed
+        (``hold_detached``); False (cancel it now) without a grace.
+        """
+        grace = self.settings.ws_resume_grace
+        live, publisher, task = self.live, job.publisher, job.task
+        if grace <= 0 or live is None or publisher is None or task is None or job.cancelled:
+            return False
+
+        def cancel() -> None:
+            job.cancel(client_gone=True)
+
+        holder = live.spawn(hold_detached(live, publisher.session_id, job.id, grace, cancel))
+        task.add_done_callback(lambda _: holder.cancel())
+        return True
 
 
 async def refuse(
@@ -418,6 +613,7 @@ async def chat_ws(request: web.Request) -> web.WebSocketResponse:
             keys,
             request_id_of(request),
             request.app[METRICS],
+            request.app[LIVE],
         )
         await chat_socket.run(request.query.get("session_id"))
     finally:

@@ -1,9 +1,9 @@
 """InferenceEngine: the async front of inference.
 
 It turns chat messages into token ids (in a thread pool), hands sequences to
-the worker caching the longest prefix of the prompt (else the least-loaded
-one), turns the token ids that come back into text (in a lane of its own, one
-job per worker step for all its sequences, so prompt work never delays a
+the worker pool (workers/pool.py: placement by cached prefix, supervision,
+restarts), turns the token ids that come back into text (in a lane of its own,
+one job per worker step for all its sequences, so prompt work never delays a
 token), applies stop strings, and feeds each client's `GenerationStream`.
 Workers only ever see token ids.
 
@@ -42,8 +42,7 @@ import logging
 import os
 import time
 import uuid
-from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -51,46 +50,37 @@ from chatserver.config import DEFAULT_MODEL_NAME, Settings
 from chatserver.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from chatserver.engine.errors import (
     GenerationFailed,
+    InvalidGrammar,
     NotReady,
     RequestTimedOut,
     WorkerLost,
     WorkerUnavailable,
 )
+from chatserver.engine.logprobs import TokenLogprob, TokenTexts
 from chatserver.engine.types import Prompt
 from chatserver.limits.admission import AdmissionQueue, Ticket
 from chatserver.metrics import Metrics
 from chatserver.models.loading import ModelSource, load_tokenizer, resolve_model
 from chatserver.models.prompt import build_prompt
+from chatserver.models.tools import Tool
 from chatserver.protocol.sampling import RequestParams
 from chatserver.protocol.worker import (
     CancelRequest,
     GenerateRequest,
+    GrammarSpec,
     SamplingParams,
     StepOutput,
     WorkerConfig,
-    WorkerFailed,
     WorkerReady,
     WorkerToServer,
 )
 from chatserver.workers import quality_gate
-from chatserver.workers.host import WorkerHost
-from chatserver.workers.kv_cache import block_hashes, extend_hashes
+from chatserver.workers.pool import WorkerPool, hosts_for
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _END = object()
-# A worker that keeps dying (out of memory at load, say) is restarted after a
-# delay that doubles with each death in the window (the first few at once),
-# up to the cap; healthy workers keep serving meanwhile.
-RESTART_WINDOW_S = 60.0
-RESTARTS_AT_ONCE = 2
-RESTART_DELAY_MAX_S = 30.0  # the first delay is --worker-restart-delay
-# Block hashes whose worker the engine remembers for prefix affinity (_place):
-# 16-token blocks, so about a million tokens of conversations.
-BLOCK_OWNERS_KEPT = 1 << 16
-# How often the stall watchdog looks at the workers.
-WATCHDOG_PERIOD_S = 0.5
 
 
 def _device_memory(device: str) -> int:
@@ -151,6 +141,10 @@ class GenerationStream:
         self.prompt_hashes: list[int] = []  # the prompt's block hashes, when placement used them
         self.deadline: asyncio.TimerHandle | None = None
         self.request: GenerateRequest | None = None  # as sent to its worker
+        # One entry per generated token (end tokens left out), when the request
+        # asked for logprobs; filled as its text is, so a reader that has seen a
+        # delta has its tokens' entries (engine/logprobs.py).
+        self.logprobs: list[TokenLogprob] | None = None
 
     @property
     def finished(self) -> bool:
@@ -257,6 +251,8 @@ class InferenceEngine:
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
         self.tokenizer: Any = None
+        self._token_texts: TokenTexts | None = None  # for logprobs, made on first use
+        self._grammar_compiler: Any = None  # workers/grammar.py's, made on first check
         self.max_token_chars = 0
         self.model_id = ""
         self.max_context = settings.max_context
@@ -264,10 +260,6 @@ class InferenceEngine:
         self.device = ""
         self.dtype = ""
         self.precision: dict[str, Any] = {}
-        self.failure: str | None = None
-        # Set when a worker cannot load and retrying cannot help (quality gate,
-        # unavailable dtype): the server process exits instead of never getting ready.
-        self.fatal = asyncio.Event()
         self.stop_token_ids: tuple[int, ...] = ()
         self.default_temperature = 0.0
         self.default_top_p = 1.0
@@ -278,9 +270,13 @@ class InferenceEngine:
         # Detokenizing is on every stream's critical path: its own lane, so prompt
         # work (a 1 MiB message, a 150-turn history) never queues in front of it.
         self._detokenize = ThreadPoolExecutor(1, thread_name_prefix="detokenize")
-        self._workers: dict[int, WorkerHost] = {}
-        self._ready: set[int] = set()
-        self._load: dict[int, int] = defaultdict(int)
+        self.max_running = settings.max_running or settings.max_batch
+        self.pool = WorkerPool(
+            max_running=self.max_running,
+            prefix_cache=settings.prefix_cache,
+            restart_delay=settings.worker_restart_delay,
+            metrics=self.metrics,
+        )
         self._streams: dict[int, GenerationStream] = {}
         self._outputs: dict[int, asyncio.Queue[StepOutput]] = {}
         self._pumps: list[asyncio.Task] = []
@@ -288,52 +284,38 @@ class InferenceEngine:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._source: ModelSource | None = None
-        self._deaths: list[float] = []  # when workers died, within RESTART_WINDOW_S
-        self._restart_at: dict[int, float] = {}  # dead worker -> when it is restarted
-        # worker -> when it last showed progress (a step), or got work while idle.
-        self._last_progress: dict[int, float] = {}
-        self._watchdog: asyncio.Task | None = None
-        self.max_running = settings.max_running or settings.max_batch
         self._admission = AdmissionQueue(max(0, settings.max_queue))
         self._scheduled = 0  # live streams some worker step has taken into its batch
-        # worker -> its KV cache's latest figures (StepOutput's kv_* and prefix_*),
-        # for /readyz, kv_cache_usage_ratio and the prefix-cache counters' deltas.
-        self._kv_stats: dict[int, dict[str, int]] = {}
-        self._block_owner: OrderedDict[int, int] = OrderedDict()  # block hash -> worker
         self.metrics.read_gauges(
             running=lambda: self._scheduled,
             waiting=lambda: len(self._streams) - self._scheduled,
-            kv_cache_usage=self.kv_cache_usage,
+            kv_cache_usage=self.pool.kv_cache_usage,
         )
 
     # --- lifecycle ---------------------------------------------------------
     @property
     def ready(self) -> bool:
         """At least one worker serves: requests go to the ready ones while others reload."""
-        return bool(self._ready) and not self._stopping
+        return self.pool.ready and not self._stopping
+
+    @property
+    def failure(self) -> str | None:
+        """Why a worker could not load the model, while none serves again."""
+        return self.pool.failure
+
+    @property
+    def fatal(self) -> asyncio.Event:
+        """Set when a worker cannot load and retrying cannot help: the server exits."""
+        return self.pool.fatal
 
     def worker_states(self) -> list[dict[str, Any]]:
         """Each worker's state for /readyz: ready, loading, or restarting (and when)."""
-        now = time.monotonic()
-        states = []
-        for wid in sorted(self._workers):
-            state: dict[str, Any] = {"worker": wid, "generations": self._load[wid]}
-            if wid in self._ready:
-                state["state"] = "ready"
-            elif wid in self._restart_at:
-                state["state"] = "restarting"
-                state["restart_in_s"] = round(max(0.0, self._restart_at[wid] - now), 1)
-            else:
-                state["state"] = "loading"
-            if wid in self._kv_stats:
-                state["kv_cache"] = self._kv_stats[wid]
-            states.append(state)
-        return states
+        return self.pool.states()
 
     @property
     def running_slots(self) -> int:
         """Sequences the ready workers decode at once; admitted requests beyond wait."""
-        return len(self._ready) * self.max_running
+        return len(self.pool.ready_ids) * self.max_running
 
     def load(self) -> dict[str, int]:
         """Admitted requests, the running slots and the queue bound, for /readyz and metrics."""
@@ -352,20 +334,14 @@ class InferenceEngine:
             "device": self.device,
             "dtype": self.dtype,
             "precision": self.precision,
-            "workers": len(self._workers),
-            "workers_ready": len(self._ready),
+            "workers": len(self.pool.hosts),
+            "workers_ready": len(self.pool.ready_ids),
             "max_context": self.max_context,
             "failure": self.failure,
         }
 
     def kv_cache_usage(self) -> float:
-        """Token positions holding running sequences over the workers' KV budgets, together.
-
-        Workers whose runner has no budget (HFRunner) are left out.
-        """
-        budgeted = [s for s in self._kv_stats.values() if s["kv_budget"]]
-        allocated = sum(s["kv_budget"] for s in budgeted)
-        return sum(s["kv_used"] for s in budgeted) / allocated if allocated else 0.0
+        return self.pool.kv_cache_usage()
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -376,14 +352,13 @@ class InferenceEngine:
         configs = await self._loop.run_in_executor(self._executor, self._worker_configs)
         if s.max_queue < 0:
             self._admission.max_queue = 2 * len(configs) * self.max_running
-        hosts = self._hosts(configs)
-        for wid, host in hosts.items():
-            self._workers[wid] = host
+        hosts = hosts_for(self.engine_kind, configs)
+        for wid in hosts:
             self._outputs[wid] = asyncio.Queue()
             self._pumps.append(asyncio.create_task(self._pump(wid)))
-            host.start(self._loop, self._on_message, self._on_exit)
-        if s.worker_stall_timeout > 0:
-            self._watchdog = asyncio.create_task(self._watch_stalls(s.worker_stall_timeout))
+        self.pool.start(
+            self._loop, hosts, self._on_message, self._reroute_or_fail, s.worker_stall_timeout
+        )
         log.info(
             "engine %s: %d worker(s), model %s on %s (%s), context %d",
             self.engine_kind,
@@ -441,6 +416,13 @@ class InferenceEngine:
             devices = [device] * (s.workers or max(1, cpus // 2))
         count = len(devices)
         threads = s.threads_per_worker or max(1, cpus // count)
+        if kind == "ray":
+            from chatserver.workers import ray_worker
+
+            ray = ray_worker.configure(
+                s.ray_address, s.ray_workers, s.ray_cpus_per_worker, s.ray_gpus_per_worker
+            )
+            device, devices, threads = ray.device, [ray.device] * ray.workers, ray.threads
         # "auto" until a worker reports what its quality gate chose.
         self.engine_kind, self.device, self.dtype = kind, device, s.dtype
         probe = tuple(quality_gate.probe_ids(self.tokenizer)) if not s.skip_quality_gate else ()
@@ -471,22 +453,11 @@ class InferenceEngine:
             for worker_device in devices
         ]
 
-    def _hosts(self, configs: list[WorkerConfig]) -> dict[int, WorkerHost]:
-        from chatserver.workers.local import InlineWorker, ThreadWorker
-        from chatserver.workers.process import ProcessWorker
-
-        host_type = {"thread": ThreadWorker, "inline": InlineWorker}.get(
-            self.engine_kind, ProcessWorker
-        )
-        return {wid: host_type(wid, cfg) for wid, cfg in enumerate(configs)}
-
     async def stop(self) -> None:
         self._stopping = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
         for stream in list(self._streams.values()):
             self._finish(stream, "cancelled")
-        await asyncio.gather(*(w.stop() for w in self._workers.values()), return_exceptions=True)
+        await self.pool.stop()
         for task in self._pumps:
             task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -495,22 +466,24 @@ class InferenceEngine:
     # --- requests ------------------------------------------------------------
     def admit(self) -> Ticket:
         """A place in the engine for one request, or ServerBusy; taken before any work."""
-        if not self._ready or self._stopping:
+        if not self.pool.ready_ids or self._stopping:
             raise self._unavailable()
         return self._admission.admit(self.running_slots)
 
     def _unavailable(self) -> Exception:
         """Why no worker takes a request: still loading (NotReady), or restarting."""
-        dead = any(not self._workers[w].alive for w in self._ready)
-        if (self._restart_at or dead) and not self._stopping:
-            now = time.monotonic()
-            wait = min(self._restart_at.values(), default=now) - now
+        wait = self.pool.restart_wait()
+        if wait is not None and not self._stopping:
             # A restarted worker loads the model again before it serves.
-            return WorkerUnavailable(retry_after=max(0.0, wait) + 5.0)
+            return WorkerUnavailable(retry_after=wait + 5.0)
         return NotReady(self.failure or "the model workers are not ready yet")
 
     async def submit(
-        self, messages: list[dict[str, str]], req: RequestParams, truncate: bool
+        self,
+        messages: list[dict[str, Any]],
+        req: RequestParams,
+        truncate: bool,
+        tools: Sequence[Tool] = (),
     ) -> GenerationStream:
         """Admit, build the prompt and start generating: the one way requests enter.
 
@@ -519,14 +492,18 @@ class InferenceEngine:
         """
         ticket = self.admit()
         try:
-            prompt = await self.chat_prompt(messages, req.max_tokens, truncate)
+            prompt = await self.chat_prompt(messages, req.max_tokens, truncate, tools)
             return self.generate(prompt, req, ticket)
         except BaseException:
             ticket.release()
             raise
 
     async def chat_prompt(
-        self, messages: list[dict[str, str]], max_tokens: int | None, truncate: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        max_tokens: int | None,
+        truncate: bool = True,
+        tools: Sequence[Tool] = (),
     ) -> Prompt:
         if self.tokenizer is None:
             raise NotReady("the model is still loading")
@@ -539,7 +516,29 @@ class InferenceEngine:
             self.max_context,
             truncate,
             self.max_token_chars,
+            tools,
         )
+
+    async def check_grammar(self, spec: GrammarSpec) -> None:
+        """Raise InvalidGrammar unless ``spec`` compiles against this model's vocabulary.
+
+        In the tokenizer pool (a first call builds the grammar tokenizer, ~0.5 s);
+        the API calls it before submitting, so a bad schema is a 400, not a failed
+        generation.
+        """
+        if self.tokenizer is None:
+            raise NotReady("the model is still loading")
+        await self.run_in_tokenizer_pool(self._check_grammar, spec)
+
+    def _check_grammar(self, spec: GrammarSpec) -> None:
+        from chatserver.workers.grammar import GrammarCompiler, GrammarError
+
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(self.tokenizer)
+        try:
+            self._grammar_compiler.check(spec)
+        except GrammarError as exc:
+            raise InvalidGrammar(str(exc)) from None
 
     async def run_in_tokenizer_pool(self, fn: Callable[..., T], *args: Any) -> T:
         """Run prompt work (templating, tokenizing) in the tokenizer threads, off the loop."""
@@ -557,13 +556,15 @@ class InferenceEngine:
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             logit_bias=req.logit_bias,
+            grammar=req.grammar,
+            logprobs=req.logprobs,
         )
 
     def generate(
         self, prompt: Prompt, req: RequestParams, ticket: Ticket | None = None
     ) -> GenerationStream:
         """Hand a prompt to a ready worker, see _place (``ticket``: from admit())."""
-        serving = [w for w in self._ready if self._workers[w].alive]
+        serving = self.pool.serving()
         if not serving:
             raise self._unavailable()
         if ticket is None:
@@ -583,56 +584,15 @@ class InferenceEngine:
             # Time in the queue counts: the deadline runs from admission.
             when = self._loop.time() + timeout - (time.monotonic() - ticket.admitted_at)
             stream.deadline = self._loop.call_at(when, self._expire, stream)
-        worker_id = self._place(stream, serving)
-        if not self._load[worker_id]:
-            self._last_progress[worker_id] = time.monotonic()  # the stall clock starts
+        worker_id, stream.prompt_hashes = self.pool.place(stream.prompt_ids, serving)
         stream.worker_id = worker_id
-        self._load[worker_id] += 1
         self._streams[seq_id] = stream
         self.metrics.prompt_tokens.inc(stream.prompt_tokens)
+        if req.logprobs is not None:
+            stream.logprobs = []
         stream.request = GenerateRequest(seq_id, prompt.ids, self.sampling_params(prompt, req))
-        self._workers[worker_id].send(stream.request)
+        self.pool.assign(worker_id, stream.request)
         return stream
-
-    def _place(self, stream: GenerationStream, serving: list[int]) -> int:
-        """The worker for a new sequence: the one caching its longest prefix, unless busier.
-
-        Session affinity without sessions: the engine remembers which worker
-        last held each block of each finished sequence (content-addressed, the
-        workers' own block hashes), so a conversation's next turn, whatever
-        API it came through, goes where its history is cached. That worker is
-        passed over when it runs max(2, --max-running / 4) or more sequences
-        beyond the least-loaded one: recomputing a prefix costs less than
-        queueing. Hashing stays on the loop: 67 µs for a 4,096-token prompt
-        (`python -m timeit` of block_hashes on the Intel(R) Xeon(R), torch
-        capability AVX512), once a request, and only with several workers.
-        """
-        least = min(serving, key=lambda w: self._load[w])
-        if len(serving) == 1 or not self.settings.prefix_cache:
-            return least
-        stream.prompt_hashes = block_hashes(stream.prompt_ids)
-        holder = -1
-        for h in stream.prompt_hashes:
-            owner = self._block_owner.get(h)
-            if owner is None:
-                break
-            holder = owner
-        slack = max(2, self.max_running // 4)
-        if holder in serving and self._load[holder] - self._load[least] < slack:
-            return holder
-        return least
-
-    def _remember_blocks(self, stream: GenerationStream) -> None:
-        """Record that the stream's worker now caches its prompt and reply (see _place)."""
-        if len(self._workers) < 2 or not self.settings.prefix_cache:
-            return
-        owners = self._block_owner
-        tokens = stream.prompt_ids + stream.output_ids
-        for h in extend_hashes(stream.prompt_hashes, tokens, len(tokens)):
-            owners[h] = stream.worker_id
-            owners.move_to_end(h)
-        while len(owners) > BLOCK_OWNERS_KEPT:
-            owners.popitem(last=False)
 
     def _cancel(
         self, stream: GenerationStream, client_gone: bool = False, reason: str = "cancelled"
@@ -641,9 +601,7 @@ class InferenceEngine:
             return
         if client_gone:
             self.metrics.requests_dropped.inc()
-        worker = self._workers.get(stream.worker_id)
-        if worker is not None:
-            worker.send(CancelRequest(stream.seq_id))
+        self.pool.send(stream.worker_id, CancelRequest(stream.seq_id))
         self._finish(stream, reason)
 
     def _expire(self, stream: GenerationStream) -> None:
@@ -651,20 +609,20 @@ class InferenceEngine:
         if stream.finished:
             return
         log.warning("request %s timed out after %gs", stream.id, self.settings.request_timeout)
-        worker = self._workers.get(stream.worker_id)
-        if worker is not None:
-            worker.send(CancelRequest(stream.seq_id))
+        self.pool.send(stream.worker_id, CancelRequest(stream.seq_id))
         self._finish(stream, "timeout")
 
     def _finish(self, stream: GenerationStream, reason: str) -> None:
         if self._streams.pop(stream.seq_id, None) is not None:
-            self._load[stream.worker_id] -= 1
+            self.pool.release(stream.worker_id)
             if stream.scheduled:
                 self._scheduled -= 1
             self.metrics.e2e_request_latency.observe(time.monotonic() - stream.started_at)
             self.metrics.request_success.labels(reason).inc()
             if reason in ("stop", "length", "cancelled") and stream.scheduled:
-                self._remember_blocks(stream)
+                self.pool.remember_blocks(
+                    stream.worker_id, stream.prompt_hashes, stream.prompt_ids + stream.output_ids
+                )
         if stream.deadline is not None:
             stream.deadline.cancel()
         stream.ticket.release(completed=reason in ("stop", "length"))
@@ -673,7 +631,6 @@ class InferenceEngine:
     # --- worker output -----------------------------------------------------------
     def _on_message(self, msg: WorkerToServer) -> None:
         if isinstance(msg, StepOutput):
-            self._last_progress[msg.worker_id] = time.monotonic()
             self._observe_step(msg)
             self._outputs[msg.worker_id].put_nowait(msg)
         elif isinstance(msg, WorkerReady):
@@ -695,35 +652,15 @@ class InferenceEngine:
                 **msg.cpu,
                 "quality_gate": list(msg.quality_gate),
             }
-            self._ready.add(msg.worker_id)
-            self._restart_at.pop(msg.worker_id, None)
-            if not self.fatal.is_set():
-                self.failure = None  # a worker serves again
-        elif isinstance(msg, WorkerFailed):
-            self.failure = f"worker {msg.worker_id} failed: {msg.message}"
-            log.error(self.failure)
-            if msg.fatal:
-                self.fatal.set()
 
     def _observe_step(self, out: StepOutput) -> None:
         """A worker step's own figures, and the end of the queue time of what it scheduled."""
         metrics = self.metrics
-        # Cumulative per worker; a restarted worker counts from 0 again.
-        seen = self._kv_stats.get(out.worker_id, {})
-        if out.prefix_queries < seen.get("prefix_queries", 0):
-            seen = {}
-        metrics.prefix_cache_queries.inc(out.prefix_queries - seen.get("prefix_queries", 0))
-        metrics.prefix_cache_hits.inc(out.prefix_hits - seen.get("prefix_hits", 0))
-        self._kv_stats[out.worker_id] = {
-            "prefix_queries": out.prefix_queries,
-            "prefix_hits": out.prefix_hits,
-            "kv_used": out.kv_used,
-            "kv_retained": out.kv_retained,
-            "kv_budget": out.kv_allocated,
-        }
         if not out.batch_size:
             return
         metrics.worker_step.observe(out.step_seconds)
+        if out.grammar_seconds:
+            metrics.grammar_seconds.inc(out.grammar_seconds)
         metrics.batch_size.observe(out.batch_size)
         # The step began step_seconds before its output arrived (less the pipe's delay).
         step_began = time.monotonic() - out.step_seconds
@@ -735,76 +672,19 @@ class InferenceEngine:
                 self._scheduled += 1
                 metrics.request_queue_time.observe(max(0.0, step_began - stream.started_at))
 
-    def _on_exit(self, worker_id: int) -> None:
-        self._ready.discard(worker_id)
-        self._kv_stats.pop(worker_id, None)
-        if self._stopping:
-            return
-        self._reroute_or_fail(worker_id)
-        if self.fatal.is_set() or self._loop is None:
-            return  # it cannot serve as configured: the server is exiting
-        now = time.monotonic()
-        self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW_S] + [now]
-        extra = len(self._deaths) - RESTARTS_AT_ONCE
-        first = self.settings.worker_restart_delay
-        delay = 0.0 if extra <= 0 else min(RESTART_DELAY_MAX_S, first * 2.0 ** (extra - 1))
-        log.error(
-            "worker %d exited; its streams failed; restarting it in %.0f s (%d deaths in %.0f s)",
-            worker_id,
-            delay,
-            len(self._deaths),
-            RESTART_WINDOW_S,
-        )
-        self._restart_at[worker_id] = now + delay
-        self._loop.call_later(delay, self._restart, worker_id)
-
     def _reroute_or_fail(self, dead: int) -> None:
         """The dead worker's sequences: those it never scheduled go to a live worker
         (nothing was generated for them, so nothing is lost or repeated); the rest
         end with 'worker_failed'."""
-        others = [w for w in self._ready if w != dead and self._workers[w].alive]
+        others = self.pool.serving(excluding=dead)
         for stream in [s for s in self._streams.values() if s.worker_id == dead]:
             if others and not stream.scheduled and stream.request is not None:
-                target = min(others, key=lambda w: self._load[w])
-                self._load[dead] -= 1
-                self._load[target] += 1
+                target = min(others, key=lambda w: self.pool.load[w])
+                self.pool.release(dead)
                 stream.worker_id = target
-                self._workers[target].send(stream.request)
+                self.pool.assign(target, stream.request)
             else:
                 self._finish(stream, "worker_failed")
-
-    def _restart(self, worker_id: int) -> None:
-        if self._stopping or self._loop is None:
-            return
-        old = self._workers[worker_id]
-        host = type(old)(worker_id, old.config)
-        self._workers[worker_id] = host
-        self.metrics.worker_restarts.inc()
-        host.start(self._loop, self._on_message, self._on_exit)
-
-    async def _watch_stalls(self, stall_s: float) -> None:
-        """Kill a worker that has work but shows no step for ``stall_s`` seconds.
-
-        A stuck worker (a hung kernel, SIGSTOP) would otherwise hold its
-        clients forever while /readyz says 200; killed, it is restarted like a
-        crashed one and its clients are told ``worker_failed``.
-        """
-        while True:
-            await asyncio.sleep(min(WATCHDOG_PERIOD_S, stall_s / 4))
-            now = time.monotonic()
-            for wid, host in list(self._workers.items()):
-                if wid not in self._ready or not self._load[wid]:
-                    continue
-                idle = now - self._last_progress.get(wid, now)
-                if idle > stall_s:
-                    log.error(
-                        "worker %d made no step for %.1f s with %d generation(s); killing it",
-                        wid,
-                        idle,
-                        self._load[wid],
-                    )
-                    self._ready.discard(wid)
-                    host.kill()
 
     async def _pump(self, worker_id: int) -> None:
         """Detokenize one worker's steps in order, in the detokenize lane, and deliver them."""
@@ -827,18 +707,37 @@ class InferenceEngine:
             per_seq: dict[int, list[int]] = {}
             for seq_id, token in out.tokens:
                 per_seq.setdefault(seq_id, []).append(token)
+            entries = self._logprob_entries(out) if out.logprobs else {}
             for seq_id, tokens in per_seq.items():
                 stream = self._streams.get(seq_id)
                 if stream is None or stream.finished:
                     continue
                 stream.output_ids.extend(tokens)
                 text, stopped = stream.matcher.feed(stream.detokenizer.add(tokens))
-                events.append(("tokens", stream, text, len(tokens), stopped))
+                events.append(
+                    ("tokens", stream, text, len(tokens), stopped, entries.get(seq_id, ()))
+                )
             for seq_id, reason in out.finished:
                 stream = self._streams.get(seq_id)
                 if stream is not None:
                     events.append(("finish", stream, stream.matcher.flush(), reason))
         return events
+
+    def _logprob_entries(self, out: StepOutput) -> dict[int, list[TokenLogprob]]:
+        """A step's logprobs by sequence, with their tokens' text; end tokens left out
+        (their text is never part of the reply)."""
+        if self._token_texts is None:
+            self._token_texts = TokenTexts(self.tokenizer)
+        entries: dict[int, list[TokenLogprob]] = {}
+        for seq_id, token, logprob, top in out.logprobs:
+            stream = self._streams.get(seq_id)
+            if stream is None or stream.request is None:
+                continue
+            if token in stream.request.params.stop_token_ids:
+                continue
+            entry = self._token_texts.entry(token, logprob, top)
+            entries.setdefault(seq_id, []).append(entry)
+        return entries
 
     def _deliver(self, events: list[tuple]) -> None:
         metrics = self.metrics
@@ -849,7 +748,9 @@ class InferenceEngine:
             if stream.finished:
                 continue
             if event[0] == "tokens":
-                _, _, text, count, stopped = event
+                _, _, text, count, stopped, entries = event
+                if entries and stream.logprobs is not None:
+                    stream.logprobs.extend(entries)
                 stream.completion_tokens += count
                 generated += count
                 if stream.last_token_at:
@@ -859,7 +760,7 @@ class InferenceEngine:
                 stream.last_token_at = now
                 stream._push(text)
                 if stopped:
-                    self._workers[stream.worker_id].send(CancelRequest(stream.seq_id))
+                    self.pool.send(stream.worker_id, CancelRequest(stream.seq_id))
                     self._finish(stream, "stop")
             else:
                 _, _, text, reason = event

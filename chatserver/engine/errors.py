@@ -52,3 +52,10 @@ class RequestTimedOut(EngineError):
             f"the request took longer than {timeout:g} s (--request-timeout) and was stopped"
         )
         self.timeout = timeout
+
+
+class InvalidGrammar(EngineError):
+    """A structured-output constraint (schema, regex, grammar) that does not compile.
+
+    The API that built it says which of its parameters it came from (``param``).
+    """

@@ -22,10 +22,12 @@ stays the same for many turns in a row, and a KV prefix cache can reuse it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from chatserver.engine.types import Prompt
 from chatserver.errors import bad_request
+from chatserver.models.tools import Tool, text_messages
 
 # Private-use code points: no chat template writes them, and content never
 # reaches the rendered text (it is swapped for these before rendering).
@@ -106,8 +108,12 @@ def build_prompt(
     max_context: int,
     truncate: bool,
     max_token_chars: int = 0,
+    tools: Sequence[Tool] = (),
 ) -> Prompt:
     """The prompt's ids, oldest turns dropped (if `truncate`) until the reply has room.
+
+    Messages may carry tool calls and tool results, and `tools` the functions the
+    model may call: models/tools.py writes them into the messages as text first.
 
     `max_token_chars` (the longest token of the vocabulary, in characters; 0: no
     bound) refuses or drops what cannot fit before any tokenizing: text of more
@@ -122,6 +128,7 @@ def build_prompt(
     """
     if not messages:
         raise bad_request("invalid_request", "at least one message is required", "messages")
+    messages = text_messages(messages, tools)
     head = 0
     while head < len(messages) - 1 and messages[head]["role"] == "system":
         head += 1
@@ -216,6 +223,6 @@ def drop_point(turns: list[dict[str, str]], costs: list[int], excess: int, step:
     shed = 0
     for i in range(1, len(turns)):
         shed += costs[i - 1]
-        if shed >= line and turns[i]["role"] == "user":
+        if shed >= line and turns[i]["role"] == "user" and not turns[i].get("tool_response"):
             return i
     return len(turns) - 1

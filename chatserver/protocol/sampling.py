@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatserver.errors import bad_request
+from chatserver.protocol.worker import GrammarSpec
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 64
@@ -17,6 +18,8 @@ MAX_STOP_LENGTH = 64
 MAX_PENALTY = 2.0
 MAX_LOGIT_BIAS = 100.0
 MAX_LOGIT_BIAS_ENTRIES = 300
+# OpenAI's bound on top_logprobs.
+MAX_TOP_LOGPROBS = 20
 # The names parse_request_params reads (besides a ``max_tokens_key`` of its own):
 # the endpoints that refuse unknown parameters accept exactly these.
 PARAM_NAMES = frozenset(
@@ -53,6 +56,12 @@ class RequestParams:
     # vLLM's extension: generate until max_tokens (or a stop string), past the
     # model's end-of-sequence token. For benchmarks and tests of long replies.
     ignore_eos: bool = False
+    # Constrained decoding (response_format, forced tool calls): set by the API
+    # that builds it, never read from the client's raw parameters.
+    grammar: GrammarSpec | None = None
+    # None: no logprobs; 0: the sampled token's; k (<= MAX_TOP_LOGPROBS): and the k
+    # most likely. Set by the API from its own parameter names.
+    logprobs: int | None = None
 
 
 def _number(raw: Mapping[str, Any], name: str, lo: float, hi: float) -> float | None:

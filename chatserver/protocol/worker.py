@@ -21,6 +21,19 @@ GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True, slots=True)
+class GrammarSpec:
+    """A constraint on what a sequence may generate, compiled and applied in the worker.
+
+    ``kind``: "json_schema" (``source`` is the schema as JSON text), "json_object"
+    (any JSON object; ``source`` empty), "regex" or "lark" (``source`` is the
+    pattern or grammar). workers/grammar.py compiles it and masks the logits.
+    """
+
+    kind: str
+    source: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Per-sequence decoding settings; temperature below GREEDY_TEMPERATURE means greedy."""
 
@@ -35,6 +48,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Constrained decoding (workers/grammar.py); None: unconstrained.
+    grammar: GrammarSpec | None = None
+    # None: no logprobs; 0: the sampled token's; k (<= 20): and the k most likely.
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -100,6 +117,10 @@ class StepOutput:
     holding the prefixes of finished sequences, kept for reuse;
     ``prefix_queries`` / ``prefix_hits``: prompt tokens looked up in the
     prefix cache and found there, since the worker started.
+    ``logprobs``: (seq_id, token_id, logprob, ((token_id, logprob), ...)) for
+    the tokens of sequences that asked for logprobs (models/sampling.py says
+    from which distribution), empty otherwise; ``grammar_seconds``: the step's
+    time computing grammar masks and advancing matchers (workers/grammar.py).
     """
 
     worker_id: int
@@ -113,6 +134,10 @@ class StepOutput:
     kv_retained: int = 0
     prefix_queries: int = 0
     prefix_hits: int = 0
+    logprobs: list[tuple[int, int, float, tuple[tuple[int, float], ...]]] = field(
+        default_factory=list
+    )
+    grammar_seconds: float = 0.0
 
     @property
     def empty(self) -> bool:

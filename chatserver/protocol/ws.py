@@ -9,12 +9,13 @@ Client -> server (JSON text frames)::
     {"type": "chat", "content": str, "session_id"?: str, "id"?: str,
      "params"?: {"max_tokens", "temperature", "top_p", "top_k", "stop", "seed"}}
     {"type": "cancel", "id"?: str}
+    {"type": "resume", "id": str, "offset"?: int, "session_id"?: str}
     {"type": "auth", "id"?: str, "api_key": str}   (only on a server with API keys)
 
 Server -> client::
 
     {"type": "session", "session_id": str}
-    {"type": "token", "id": str, "content": str}
+    {"type": "token", "id": str, "content": str, "offset": int}
     {"type": "done", "id": str, "finish_reason": "stop"|"length"|"cancelled"|"interrupted",
      "usage": {"prompt_tokens": int, "completion_tokens": int}, "stored"?: bool}
     {"type": "error", "id"?: str, "code": str, "message": str, "retry_after"?: int,
@@ -22,6 +23,27 @@ Server -> client::
 
 ``retry_after`` (whole seconds) comes with codes a client should retry later:
 ``server_busy`` and ``rate_limited``.
+
+Live delivery and resume (``chatserver.sessions.live``). A token frame's
+``offset`` is where its ``content`` starts in the reply, in Unicode code
+points (Python ``len``; in JavaScript ``[...text].length``, not ``.length``).
+A socket on a session (``?session_id=``, or the session of its last chat)
+also gets the replies other sockets on it produce, on any server sharing the
+Redis, each frame wrapped::
+
+    {"type": "live", "session_id": str, "frame": F}
+
+where F is ``{"type": "user", "id": str, "content": str}`` (the message that
+started the reply), then the token, done or error frames its own client got.
+``resume`` asks for reply ``id`` of the socket's session (or ``session_id``)
+from character ``offset`` on (default 0), finished or still running, while
+the session's channel retains it (``--live-ttl`` s after its last frame):
+the answer is plain token frames from ``offset`` on, then its done or error
+frame, as if it ran on this socket (and a session frame first when the
+socket changes session). Errors: ``reply_not_found`` (unknown id, or past
+retention), ``invalid_field`` (an ``offset`` past a finished reply's end, no
+session). Ids should be unique within a session to resume: the newest reply
+of an id is the one resumed.
 """
 
 from __future__ import annotations
@@ -55,6 +77,15 @@ class CancelFrame:
 
 
 @dataclass(frozen=True, slots=True)
+class ResumeFrame:
+    """Send reply ``id`` again from character ``offset`` on, then follow it live."""
+
+    id: str
+    offset: int = 0
+    session_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AuthFrame:
     """The socket's API key, for clients that cannot send headers (browsers)."""
 
@@ -65,7 +96,10 @@ class AuthFrame:
         return f"AuthFrame(id={self.id!r})"
 
 
-ClientFrame = ChatFrame | CancelFrame | AuthFrame
+ClientFrame = ChatFrame | CancelFrame | ResumeFrame | AuthFrame
+
+# The largest resume offset accepted (no reply is anywhere near this long).
+MAX_OFFSET = 1 << 30
 
 
 class FrameError(Exception):
@@ -99,7 +133,7 @@ def _optional_str(obj: dict[str, Any], name: str, frame_id: str | None) -> str |
 
 
 def parse_client_frame(text: str, max_bytes: int, *, auth: bool = False) -> ClientFrame:
-    """Turn one text frame into a ChatFrame, CancelFrame or AuthFrame, or raise FrameError.
+    """One text frame as a ChatFrame, CancelFrame, ResumeFrame or AuthFrame, or FrameError.
 
     ``max_bytes`` is the soft frame limit (settings.max_frame_bytes): larger
     frames are refused with ``frame_too_large`` before any JSON parsing.
@@ -121,6 +155,8 @@ def parse_client_frame(text: str, max_bytes: int, *, auth: bool = False) -> Clie
     kind = obj.get("type")
     if kind == "cancel":
         return CancelFrame(frame_id)
+    if kind == "resume":
+        return _resume_frame(obj, frame_id)
     if kind == "auth" and auth:
         api_key = obj.get("api_key")
         if not isinstance(api_key, str) or not api_key:
@@ -129,7 +165,9 @@ def parse_client_frame(text: str, max_bytes: int, *, auth: bool = False) -> Clie
     if kind != "chat":
         if not isinstance(kind, str):
             raise FrameError("invalid_field", "'type' must be a string", frame_id)
-        expected = "'chat', 'cancel' or 'auth'" if auth else "'chat' or 'cancel'"
+        expected = (
+            "'chat', 'cancel', 'resume' or 'auth'" if auth else "'chat', 'cancel' or 'resume'"
+        )
         raise FrameError(
             "unknown_type", f"unknown frame type {kind!r}; expected {expected}", frame_id
         )
@@ -155,12 +193,37 @@ def parse_client_frame(text: str, max_bytes: int, *, auth: bool = False) -> Clie
     return ChatFrame(content=content, id=frame_id, session_id=session_id, params=params)
 
 
+def _resume_frame(obj: dict[str, Any], frame_id: str | None) -> ResumeFrame:
+    if frame_id is None:
+        raise FrameError("invalid_field", "'id' (the message to resume) is required")
+    offset = obj.get("offset", 0)
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
+        raise FrameError(
+            "invalid_field", f"'offset' must be an integer from 0 to {MAX_OFFSET}", frame_id
+        )
+    return ResumeFrame(frame_id, offset, _optional_str(obj, "session_id", frame_id))
+
+
 def session_frame(session_id: str) -> dict[str, Any]:
     return {"type": "session", "session_id": session_id}
 
 
-def token_frame(message_id: str, content: str) -> dict[str, Any]:
-    return {"type": "token", "id": message_id, "content": content}
+def token_frame(message_id: str, content: str, offset: int | None = None) -> dict[str, Any]:
+    """`offset`: where `content` starts in the reply, in code points."""
+    frame: dict[str, Any] = {"type": "token", "id": message_id, "content": content}
+    if offset is not None:
+        frame["offset"] = offset
+    return frame
+
+
+def user_frame(message_id: str, content: str) -> dict[str, Any]:
+    """The message a reply answers, as other sockets on the session see it start."""
+    return {"type": "user", "id": message_id, "content": content}
+
+
+def live_frame(session_id: str, frame: dict[str, Any]) -> dict[str, Any]:
+    """Another socket's reply frame, forwarded to a socket on the same session."""
+    return {"type": "live", "session_id": session_id, "frame": frame}
 
 
 def done_frame(

@@ -104,6 +104,10 @@ async def _unavailable_on_error() -> AsyncIterator[None]:
         raise SessionStoreUnavailable(f"redis: {exc}") from exc
 
 
+# For stores built on this one's connection (sessions/responses.py).
+unavailable_on_error = _unavailable_on_error
+
+
 class RedisSessionStore(SessionStore):
     def __init__(
         self,
@@ -129,6 +133,11 @@ class RedisSessionStore(SessionStore):
         )
         self._renew_script = self._redis.register_script(_RENEW)
         self._release_script = self._redis.register_script(_RELEASE)
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The connection pool, shared by stores built on this one (sessions/responses.py)."""
+        return self._redis
 
     @property
     def _ttl_s(self) -> int:

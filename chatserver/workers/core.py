@@ -27,6 +27,7 @@ from chatserver.protocol.worker import (
     WorkerReady,
 )
 from chatserver.workers import cpu_features, precision, quality_gate
+from chatserver.workers.grammar import GrammarBook
 from chatserver.workers.kv_cache import KVCacheManager
 from chatserver.workers.runner import HFRunner, LlamaRunner, build_runner, supports_fast_runner
 from chatserver.workers.scheduler import BatchScheduler, Sequence
@@ -50,7 +51,10 @@ class WorkerCore:
             config.max_context,
             self.kv,
         )
-        self.sampler = Sampler(runner.device)
+        # Constrained decoding's tokenizer loads in the background from the start.
+        self.grammars = GrammarBook(config.model_path)
+        self.grammars.warm()
+        self.sampler = Sampler(runner.device, self.grammars)
         self.pending_finished: list[tuple[int, str]] = []
 
     @property
@@ -117,7 +121,9 @@ class WorkerCore:
             self._report_cache(out)
             return out
         out.step_seconds = time.perf_counter() - began
-        produced, finished = self.scheduler.complete(plan, sampled)
+        out.logprobs = self.sampler.logprobs
+        out.grammar_seconds = self.grammars.take_seconds()
+        produced, finished = self.scheduler.complete(plan, sampled, self.sampler.completed)
         for seq_id, _ in finished:
             self._forget(seq_id)
         out.tokens = produced

@@ -12,8 +12,9 @@ batch, and no int8 path. Ours:
   which the live sequences always occupy slots 0..n-1, so batched decode
   attends over a view of the cache with no gather; which slot holds what, and
   which prefixes are reused, is workers/kv_cache.py's bookkeeping, applied
-  here as slot copies and swaps (`apply`). The cache grows (doubling) to at
-  most `max_slots` slots of `max_context` positions: the memory budget;
+  here as slot copies and swaps (`apply`). Every slot holds `max_context`
+  positions from the start; the slot count grows (doubling) from 8 to at most
+  `max_slots`: the memory budget;
 * flattens every token of the step (one per decoding sequence, a chunk per
   prefilling one) into one `[tokens, hidden]` matrix, so the weights are read
   once per step however many sequences run: decoding is memory-bound, so a
@@ -162,7 +163,11 @@ class LlamaRunner:
         self.capacity = 0
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
-        self._ensure(min(initial_slots, self.max_slots), 256)
+        # Every slot holds max_context positions from the start: growing the
+        # positions later copies every slot of every layer while the whole batch
+        # waits (the single /ws conversation's turn 10 in README's multiturn table
+        # paid 1.5 GiB of float32 copying when its prompt passed 2,048 tokens).
+        self._ensure(min(initial_slots, self.max_slots), max_context)
         if compile:
             # Compile now, so readiness includes it rather than the first request:
             # a prefill (dynamic length) and a one-token decode (specialized).
@@ -187,7 +192,7 @@ class LlamaRunner:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
 
     def _ensure(self, slots: int, length: int) -> None:
-        """Grow the cache (doubling, up to max_slots) to hold `slots` sequences of `length` tokens."""
+        """Grow the cache (doubling slots, up to max_slots) to hold `slots` sequences."""
         if slots <= self.slots and length <= self.capacity:
             return
         if slots > self.max_slots:
@@ -196,10 +201,7 @@ class LlamaRunner:
         while new_slots < slots:
             new_slots *= 2
         new_slots = min(new_slots, self.max_slots)
-        new_cap = max(self.capacity, 64)
-        while new_cap < length:
-            new_cap *= 2
-        new_cap = min(new_cap, self.max_context)
+        new_cap = self.max_context
         shape = (new_slots, self.num_kv_heads, new_cap, self.head_dim)
         for caches in (self.k_cache, self.v_cache):
             grown = []

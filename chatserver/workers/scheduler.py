@@ -19,12 +19,19 @@ ends. The slot copies and swaps this implies are handed to the runner
 
 from __future__ import annotations
 
+import os
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from chatserver.protocol.worker import SamplingParams
 from chatserver.workers.kv_cache import KVCacheManager, SlotOp
 from chatserver.workers.runner import StepItem
+
+# A waiting prompt sharing at least this many tokens with one still being
+# prefilled waits for those rows rather than computing them too (four cache
+# blocks: below that, computing is cheaper than the step it would wait).
+SHARED_PREFIX_MIN = 64
 
 
 @dataclass(slots=True)
@@ -139,17 +146,44 @@ class BatchScheduler:
         for seq in self.running:
             if seq.prefilling and budget > 0:
                 budget -= self._prefill_item(seq, budget, items, seqs)
+        deferred: list[Sequence] = []
         while (
             budget > 0 and self.waiting and len(self.running) < self.max_batch and self.kv.can_admit
         ):
             seq = self.waiting.popleft()
+            if self._prefix_in_flight(seq):
+                deferred.append(seq)
+                continue
             reuse = self.kv.admit(seq.seq_id, seq.prompt_ids)
             seq.slot, seq.computed = reuse.slot, reuse.cached_tokens
             seq.cached = reuse.cached_tokens
             self.running.append(seq)
             admitted.append(seq)
             budget -= self._prefill_item(seq, budget, items, seqs)
+        self.waiting.extendleft(reversed(deferred))
         return StepPlan(items, seqs, len(self.running), admitted)
+
+    def _prefix_in_flight(self, seq: Sequence) -> bool:
+        """Whether a running sequence is still prefilling a long prefix of seq's prompt.
+
+        Then seq waits (a step or a few; others behind it are admitted) and
+        copies those rows once computed, rather than computing them again: the
+        `n` choices of one request, or identical prompts sent at once, are
+        prefilled once.
+        """
+        if not self.kv.prefix_cache:
+            return False
+        prompt = seq.prompt_ids
+        for other in self.running:
+            if (
+                not other.prefilling
+                or other.prompt_ids[:SHARED_PREFIX_MIN] != prompt[:SHARED_PREFIX_MIN]
+            ):
+                continue
+            shared = len(os.path.commonprefix([other.prompt_ids, prompt]))
+            if other.computed < min(shared, len(prompt) - 1) - SHARED_PREFIX_MIN:
+                return True
+        return False
 
     def _prefill_item(
         self, seq: Sequence, budget: int, items: list[StepItem], seqs: list[Sequence]
@@ -161,13 +195,15 @@ class BatchScheduler:
         return len(chunk)
 
     def complete(
-        self, plan: StepPlan, sampled: list[int | None]
+        self, plan: StepPlan, sampled: list[int | None], completed: Collection[int] = ()
     ) -> tuple[list[tuple[int, int]], list[tuple[int, str]]]:
         """Record a step's sampled tokens (one per item with wants_logits, in order).
 
         Returns the (seq_id, token) pairs produced and the (seq_id, reason) of
         sequences that finished; finished ones are removed. A None token (its
-        row could not be sampled) finishes that sequence alone with "error".
+        row could not be sampled) finishes that sequence alone with "error";
+        ``completed``: sequences whose grammar can take no further token, which
+        finish with "stop" after this token.
         """
         produced: list[tuple[int, int]] = []
         finished: list[tuple[int, str]] = []
@@ -188,7 +224,7 @@ class BatchScheduler:
                 continue
             seq.output_ids.append(token)
             produced.append((seq.seq_id, token))
-            reason = self._finish_reason(seq, token)
+            reason = "stop" if seq.seq_id in completed else self._finish_reason(seq, token)
             if reason:
                 finished.append((seq.seq_id, reason))
                 self.remove(seq)

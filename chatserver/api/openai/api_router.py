@@ -21,7 +21,7 @@ from chatserver.api.state import OPENAI
 
 log = logging.getLogger(__name__)
 
-PATH_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/models")
+PATH_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/models", "/v1/responses")
 # An SSE comment: clients ignore it, proxies see a live connection.
 SSE_KEEPALIVE = b": keep-alive\n\n"
 
@@ -34,7 +34,7 @@ SSE_HEADERS = {
 
 def is_openai_request(request: web.Request) -> bool:
     """OpenAI's routes, and any /v1/ path no route knows: an OpenAI client calling an
-    endpoint we lack (/v1/embeddings, /v1/responses) gets a 404 it can read."""
+    endpoint we lack (/v1/embeddings, say) gets a 404 it can read."""
     if request.path.startswith(PATH_PREFIXES):
         return True
     # A request no route matched carries the error its route will raise.

@@ -14,14 +14,23 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from chatserver.api.openai import structured
+from chatserver.api.openai import tools as tool_api
 from chatserver.errors import bad_request
+from chatserver.models.tools import Tool, ToolCall, ToolCallParser, ToolChoice, call_grammar
 from chatserver.protocol.sampling import RequestParams, parse_request_params
 
 # OpenAI's "developer" role is its newer name for "system".
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 
 
 def _never(value: Any) -> bool:
@@ -43,17 +52,8 @@ def _is_empty_list(value: Any) -> bool:
 # OpenAI parameters not honoured yet, each with the test of the values that ask
 # for nothing and so are accepted; a field left out or null is never refused.
 UNSUPPORTED_CHAT: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "tools": (_is_empty_list, "tool calling is not supported yet"),
-    "tool_choice": (_is_none, "tool calling is not supported yet; only 'none' is accepted"),
-    "parallel_tool_calls": (_never, "tool calling is not supported yet"),
     "functions": (_is_empty_list, "function calling is not supported yet"),
     "function_call": (_is_none, "function calling is not supported yet; only 'none' is accepted"),
-    "response_format": (
-        lambda v: v == {"type": "text"},
-        "structured output is not supported yet; only {'type': 'text'} is accepted",
-    ),
-    "logprobs": (_is_false, "logprobs are not supported yet"),
-    "top_logprobs": (_never, "logprobs are not supported yet"),
     "modalities": (lambda v: v == ["text"], "only the 'text' modality is supported"),
     "audio": (_never, "audio output is not supported"),
     "web_search_options": (_never, "web search is not supported"),
@@ -64,7 +64,6 @@ UNSUPPORTED_CHAT: dict[str, tuple[Callable[[Any], bool], str]] = {
 UNSUPPORTED_COMPLETION: dict[str, tuple[Callable[[Any], bool], str]] = {
     "best_of": (lambda v: v == 1 and not isinstance(v, bool), "only best_of=1 is supported"),
     "echo": (_is_false, "'echo' is not supported yet"),
-    "logprobs": (_never, "logprobs are not supported yet"),
     "suffix": (lambda v: v == "", "'suffix' (insertion) is not supported"),
 }
 
@@ -88,10 +87,27 @@ def _check_n(body: dict[str, Any]) -> None:
 @dataclass(frozen=True, slots=True)
 class ChatCompletionRequest:
     model: str
-    messages: list[dict[str, str]]
+    # role/content dicts; an assistant one may have "tool_calls" ([{id, name,
+    # arguments}]), a "tool" one "tool_call_id" (models/tools.text_messages).
+    messages: list[dict[str, Any]]
     params: RequestParams
     stream: bool = False
     include_usage: bool = False
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = ToolChoice("none")
+    parallel_tool_calls: bool = True
+
+    @property
+    def prompt_tools(self) -> tuple[Tool, ...]:
+        """The tools the prompt lists: none when the model may not call any."""
+        return () if self.tool_choice.mode == "none" else self.tools
+
+    def tool_parser(self) -> ToolCallParser | None:
+        """What splits the reply into content and calls; None when no tool may be called."""
+        if not self.prompt_tools:
+            return None
+        max_calls = None if self.parallel_tool_calls else 1
+        return ToolCallParser(self.tools, max_calls, self.tool_choice.forced)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +142,7 @@ def _content_text(content: Any, index: int) -> str:
     raise bad_request("invalid_field", "'content' must be a string or a list of text parts", param)
 
 
-def _messages(raw: Any) -> list[dict[str, str]]:
+def _messages(raw: Any) -> list[dict[str, Any]]:
     if not isinstance(raw, list) or not raw:
         raise bad_request("invalid_field", "'messages' must be a non-empty list", "messages")
     messages = []
@@ -141,8 +157,41 @@ def _messages(raw: Any) -> list[dict[str, str]]:
                 f"'role' must be one of {', '.join(ROLES)}",
                 f"messages[{i}].role",
             )
-        messages.append({"role": role, "content": _content_text(message.get("content"), i)})
+        messages.append(_message(role, message, i))
     return messages
+
+
+def _message(role: str, message: dict[str, Any], i: int) -> dict[str, Any]:
+    """One message; an assistant's with ``tool_calls`` may have no content, a tool's
+    result names the call it answers."""
+    content = message.get("content")
+    calls = message.get("tool_calls")
+    if calls is not None and role != "assistant":
+        raise bad_request(
+            "invalid_field",
+            "only an assistant message can have 'tool_calls'",
+            f"messages[{i}].tool_calls",
+        )
+    if message.get("tool_call_id") is not None and role != "tool":
+        raise bad_request(
+            "invalid_field",
+            "only a tool message can have a 'tool_call_id'",
+            f"messages[{i}].tool_call_id",
+        )
+    if role == "assistant" and calls is not None and calls != []:  # [] asks for nothing
+        parsed = tool_api.history_tool_calls(calls, f"messages[{i}].tool_calls")
+        text = "" if content is None else _content_text(content, i)
+        return {"role": role, "content": text, "tool_calls": parsed}
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str) or not call_id:
+            raise bad_request(
+                "invalid_field",
+                "a 'tool' message needs the 'tool_call_id' it answers",
+                f"messages[{i}].tool_call_id",
+            )
+        return {"role": role, "content": _content_text(content, i), "tool_call_id": call_id}
+    return {"role": role, "content": _content_text(content, i)}
 
 
 def _optional_bool(body: dict[str, Any], name: str) -> bool:
@@ -178,8 +227,23 @@ def parse_chat_completion(body: dict[str, Any]) -> ChatCompletionRequest:
     refuse_unsupported(body, UNSUPPORTED_CHAT)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     params = parse_request_params(body, max_tokens_key=key)
+    params = structured.with_chat_options(params, body)
     stream, include_usage = _streaming(body)
-    return ChatCompletionRequest(model, messages, params, stream, include_usage)
+    tools = tool_api.parse_tools(body)
+    choice = tool_api.parse_tool_choice(body, tools)
+    parallel = tool_api.parse_parallel(body)
+    grammar = call_grammar(tools, choice, parallel)
+    if grammar is not None:
+        if params.grammar is not None:
+            raise bad_request(
+                "invalid_parameter",
+                "a forced 'tool_choice' cannot be combined with a 'response_format' schema",
+                "tool_choice",
+            )
+        params = replace(params, grammar=grammar)
+    return ChatCompletionRequest(
+        model, messages, params, stream, include_usage, tools, choice, parallel
+    )
 
 
 def _prompt(raw: Any) -> str:
@@ -202,7 +266,7 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
     prompt = _prompt(body.get("prompt"))
     _check_n(body)
     refuse_unsupported(body, UNSUPPORTED_COMPLETION)
-    params = parse_request_params(body)
+    params = structured.with_completion_options(parse_request_params(body), body)
     stream, include_usage = _streaming(body)
     return CompletionRequest(model, prompt, params, stream, include_usage)
 
@@ -215,9 +279,11 @@ def text_completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex}"
 
 
-def openai_finish_reason(reason: str | None) -> str:
+def openai_finish_reason(reason: str | None, tool_calls: bool = False) -> str:
     # "cancelled" only happens when the client went away, so nobody reads it.
-    return "length" if reason == "length" else "stop"
+    if reason == "length":
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
@@ -254,12 +320,17 @@ def completion(
     id: str,
     created: int,
     model: str,
-    reply: str,
+    reply: str | None,
     finish_reason: str,
     usage: dict[str, Any],
+    tool_calls: list[ToolCall] | None = None,
 ) -> dict[str, Any]:
-    """A whole ``chat.completion``, or a ``text_completion`` when ``text``."""
-    content = {"text": reply} if text else {"message": {"role": "assistant", "content": reply}}
+    """A whole ``chat.completion``, or a ``text_completion`` when ``text``; ``reply``
+    is None when the message is only ``tool_calls``."""
+    message: dict[str, Any] = {"role": "assistant", "content": reply}
+    if tool_calls:
+        message["tool_calls"] = [tool_api.tool_call_object(c) for c in tool_calls]
+    content = {"text": reply} if text else {"message": message}
     obj = "text_completion" if text else "chat.completion"
     return {
         **_envelope(obj, id, created, model, [_choice(content, finish_reason)]),
@@ -272,7 +343,7 @@ def chunk(
     id: str,
     created: int,
     model: str,
-    delta: dict[str, str] | str,
+    delta: dict[str, Any] | str,
     finish_reason: str | None = None,
     include_usage: bool = False,
 ) -> dict[str, Any]:

@@ -14,16 +14,18 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from chatserver.api.openai import protocol
+from chatserver.api.openai import protocol, structured
 from chatserver.api.openai.protocol import (
     AnyCompletionRequest,
     CompletionRequest,
 )
+from chatserver.api.openai.tools import tool_call_deltas
 from chatserver.config import Settings
 from chatserver.engine.errors import NotReady, ReplyInterrupted
 from chatserver.engine.types import Prompt
 from chatserver.errors import ApiError, bad_request
 from chatserver.limits import InFlight
+from chatserver.models.tools import ToolCall
 from chatserver.protocol.sampling import RequestParams
 
 if TYPE_CHECKING:
@@ -132,10 +134,15 @@ class OpenAIServing:
         """
         self.check_model(request.model)
         self.check_logit_bias(request.params)
+        forced = not isinstance(request, CompletionRequest) and request.tool_choice.forced
+        param = "tool_choice" if forced else "response_format"
+        await structured.check_grammar(self.engine, request.params, param)
         if isinstance(request, CompletionRequest):
             stream = await self.submit_text(request.prompt, request.params)
         else:
-            stream = await self.engine.submit(request.messages, request.params, truncate=False)
+            stream = await self.engine.submit(
+                request.messages, request.params, truncate=False, tools=request.prompt_tools
+            )
         return self.inflight.add(stream)
 
     async def submit_text(self, text: str, params: RequestParams) -> GenerationStream:
@@ -168,15 +175,22 @@ class OpenAIServing:
             pass
         check_openai(stream)
         text = isinstance(request, CompletionRequest)
-        return protocol.completion(
+        reply: str | None = stream.text
+        calls: list[ToolCall] = []
+        parser = None if text else request.tool_parser()
+        if parser is not None:
+            reply, calls = parser.whole(stream.text)
+        body = protocol.completion(
             text,
             protocol.text_completion_id() if text else protocol.completion_id(),
             int(time.time()),
             self.engine.model_id,
-            stream.text,
-            protocol.openai_finish_reason(stream.finish_reason),
+            reply,
+            protocol.openai_finish_reason(stream.finish_reason, bool(calls)),
             usage_of(stream),
+            calls,
         )
+        return structured.attach_logprobs(body, stream, text)
 
     async def chunks(
         self, request: AnyCompletionRequest, stream: GenerationStream
@@ -191,17 +205,38 @@ class OpenAIServing:
         id = protocol.text_completion_id() if text else protocol.completion_id()
         created, model, usage = int(time.time()), self.engine.model_id, request.include_usage
 
-        def chunk(delta: str | dict[str, str], reason: str | None = None) -> dict[str, Any]:
-            return protocol.chunk(text, id, created, model, delta, reason, usage)
+        logprobs = structured.LogprobCursor(stream, text)
+
+        def chunk(delta: str | dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+            return logprobs.attach(protocol.chunk(text, id, created, model, delta, reason, usage))
+
+        # With tools, the reply is split into content and calls as it streams.
+        parser = None if text else request.tool_parser()
+
+        def parts(found: list[str | ToolCall]) -> list[dict[str, Any]]:
+            deltas: list[dict[str, Any]] = []
+            for part in found:
+                if isinstance(part, str):
+                    deltas.append({"content": part})
+                else:
+                    deltas += tool_call_deltas(parser.calls.index(part), part)
+            return deltas
 
         if not text:
-            yield chunk({"role": "assistant", "content": ""})
+            yield chunk({"role": "assistant", "content": None if parser else ""})
         async for delta in stream.with_keepalive(self.settings.keepalive_interval):
             if delta is None:
                 yield None
+            elif parser is not None:
+                for found in parts(parser.feed(delta)):
+                    yield chunk(found)
             elif delta:
                 yield chunk(delta if text else {"content": delta})
         check_openai(stream)
-        yield chunk("" if text else {}, protocol.openai_finish_reason(stream.finish_reason))
+        if parser is not None:
+            for found in parts(parser.close()):
+                yield chunk(found)
+        calls = parser is not None and bool(parser.calls)
+        yield chunk("" if text else {}, protocol.openai_finish_reason(stream.finish_reason, calls))
         if usage:
             yield protocol.usage_chunk(text, id, created, model, usage_of(stream))
