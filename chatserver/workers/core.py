@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -82,6 +83,27 @@ class WorkerCore:
         elif isinstance(msg, CancelRequest):
             self.cancel(msg)
         return not isinstance(msg, Shutdown)
+
+    def serve(
+        self,
+        receive: Callable[[], ServerToWorker],
+        has_message: Callable[[], bool],
+        emit: Callable[[StepOutput], None],
+    ) -> None:
+        """The decoding loop every host runs, over its own transport (pipe, queue).
+
+        Idle, it blocks in ``receive``; between steps it takes every message
+        already there, so a cancel lands within one step. Returns on Shutdown.
+        """
+        while True:
+            if not self.has_work and not self.apply(receive()):
+                return
+            while has_message():
+                if not self.apply(receive()):
+                    return
+            out = self.step()
+            if not out.empty:
+                emit(out)
 
     def _forget(self, seq_id: int) -> None:
         self.runner.release(seq_id)

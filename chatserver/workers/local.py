@@ -47,15 +47,12 @@ class ThreadWorker:
                 loop.call_soon_threadsafe(on_message, load_failure(self.worker_id, exc))
                 return
             loop.call_soon_threadsafe(on_message, ready)
-            while True:
-                if not core.has_work and not core.apply(self._inbox.get()):
-                    return
-                while not self._inbox.empty():
-                    if not core.apply(self._inbox.get()):
-                        return
-                out = core.step()
-                if not out.empty:
-                    loop.call_soon_threadsafe(on_message, out)
+            inbox = self._inbox
+            core.serve(
+                inbox.get,
+                lambda: not inbox.empty(),
+                lambda out: loop.call_soon_threadsafe(on_message, out),
+            )
 
         self._thread = threading.Thread(target=run, name="thread-worker", daemon=True)
         self._thread.start()

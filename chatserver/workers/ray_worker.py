@@ -299,7 +299,7 @@ class WorkerActor:
             self._outbox.put(None)
 
     def _decode(self) -> None:
-        """process.worker_main's loop, on queues instead of a pipe."""
+        """WorkerCore.serve on queues instead of a pipe."""
         from chatserver.workers.core import build_core, load_failure
 
         inbox, outbox = self._inbox, self._outbox
@@ -310,15 +310,7 @@ class WorkerActor:
             outbox.put(load_failure(self.worker_id, exc))
             return
         outbox.put(ready)
-        while True:
-            if not core.has_work and not core.apply(inbox.get()):
-                return
-            while not inbox.empty():
-                if not core.apply(inbox.get()):
-                    return
-            out = core.step()
-            if not out.empty:
-                outbox.put(out)
+        core.serve(inbox.get, lambda: not inbox.empty(), outbox.put)
 
 
 def _check_model_path(config: WorkerConfig) -> None:

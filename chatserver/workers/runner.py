@@ -165,8 +165,10 @@ class LlamaRunner:
         self.v_cache: list[torch.Tensor] = []
         # Every slot holds max_context positions from the start: growing the
         # positions later copies every slot of every layer while the whole batch
-        # waits (the single /ws conversation's turn 10 in README's multiturn table
-        # paid 1.5 GiB of float32 copying when its prompt passed 2,048 tokens).
+        # waits: at 8 slots of float32 going from 2,048 to 4,096 positions, 1.4 GiB
+        # allocated and 0.7 GiB copied, 1,327 ms on the 2-core AMD EPYC (torch
+        # capability AVX512, VNNI avx512_vnni) with other work on it; that was the
+        # single /ws conversation's slow turn 10 in README's multiturn table.
         self._ensure(min(initial_slots, self.max_slots), max_context)
         if compile:
             # Compile now, so readiness includes it rather than the first request:

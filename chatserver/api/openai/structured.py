@@ -70,38 +70,30 @@ def response_format_grammar(body: dict[str, Any]) -> GrammarSpec | None:
         source = _field(fmt, "grammar", str, "a non-empty Lark grammar", "response_format.grammar")
         return GrammarSpec("lark", _bounded(source, "response_format.grammar"))
     spec = _field(fmt, "json_schema", dict, "an object", "response_format.json_schema")
-    name = spec.get("name")
-    if not isinstance(name, str) or not name or len(name) > 64:
-        raise bad_request(
-            "invalid_parameter",
-            "'response_format.json_schema.name' must be a string of 1 to 64 characters",
-            "response_format.json_schema.name",
-        )
-    description = spec.get("description")
-    if description is not None and not isinstance(description, str):
-        raise bad_request(
-            "invalid_parameter",
-            "'response_format.json_schema.description' must be a string",
-            "response_format.json_schema.description",
-        )
-    strict = spec.get("strict")
-    if strict is not None and not isinstance(strict, bool):
-        raise bad_request(
-            "invalid_parameter",
-            "'response_format.json_schema.strict' must be a boolean",
-            "response_format.json_schema.strict",
-        )
-    schema = spec.get("schema", {})
-    if not isinstance(schema, dict):
-        raise bad_request(
-            "invalid_parameter",
-            "'response_format.json_schema.schema' must be a JSON schema object",
-            "response_format.json_schema.schema",
-        )
+    return json_schema_grammar(spec, "response_format.json_schema")
+
+
+def json_schema_grammar(spec: dict[str, Any], param: str) -> GrammarSpec:
+    """A json_schema format's grammar: ``spec`` holds ``name``, ``schema``, ``strict`` and
+    ``description`` (chat nests them in ``response_format.json_schema``, the Responses API
+    puts them in ``text.format``); 400 naming ``param``'s field."""
+
+    def check(field: str, ok: bool, what: str) -> None:
+        if not ok:
+            raise bad_request(
+                "invalid_parameter", f"'{param}.{field}' must be {what}", f"{param}.{field}"
+            )
+
+    name, description = spec.get("name"), spec.get("description")
+    strict, schema = spec.get("strict"), spec.get("schema", {})
+    check("name", isinstance(name, str) and 0 < len(name) <= 64, "a string of 1 to 64 characters")
+    check("description", description is None or isinstance(description, str), "a string")
+    check("strict", strict is None or isinstance(strict, bool), "a boolean")
+    check("schema", isinstance(schema, dict), "a JSON schema object")
     # Not strict: keywords the engine cannot enforce are skipped, the rest holds.
     options = {"lenient": not strict, **schema.get("x-guidance", {})}
     text = json.dumps({**schema, "x-guidance": options}, ensure_ascii=False)
-    return GrammarSpec("json_schema", _bounded(text, "response_format.json_schema.schema"))
+    return GrammarSpec("json_schema", _bounded(text, f"{param}.schema"))
 
 
 def _bounded(text: str, param: str) -> str:

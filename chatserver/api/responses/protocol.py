@@ -30,6 +30,7 @@ from typing import Any
 
 from chatserver.api.openai import tools as tool_api
 from chatserver.api.openai.protocol import ROLES, refuse_unsupported
+from chatserver.api.openai.structured import json_schema_grammar
 from chatserver.errors import ApiError, bad_request
 from chatserver.models.tools import Tool, ToolCall, ToolCallParser, ToolChoice, call_grammar
 from chatserver.protocol.sampling import RequestParams, parse_request_params
@@ -320,21 +321,13 @@ def _text_format(raw: Any) -> tuple[dict[str, Any], GrammarSpec | None]:
     if kind == "json_object":
         return echo, GrammarSpec("json_object")
     if kind == "json_schema":
-        name, schema = fmt.get("name"), fmt.get("schema")
-        if not isinstance(name, str) or not name:
+        if not isinstance(fmt.get("schema"), dict):
             raise bad_request(
-                "invalid_field", "a json_schema format needs a 'name'", "text.format.name"
-            )
-        if not isinstance(schema, dict):
-            raise bad_request(
-                "invalid_field",
+                "invalid_parameter",
                 "a json_schema format needs a 'schema' object",
                 "text.format.schema",
             )
-        strict = fmt.get("strict")
-        if strict is not None and not isinstance(strict, bool):
-            raise bad_request("invalid_field", "'strict' must be a boolean", "text.format.strict")
-        return echo, GrammarSpec("json_schema", json.dumps(schema))
+        return echo, json_schema_grammar(fmt, "text.format")
     raise bad_request(
         "invalid_field",
         "'text.format.type' must be 'text', 'json_object' or 'json_schema'",
