@@ -208,6 +208,7 @@ async def _serve(settings: Settings) -> None:
     runner = web.AppRunner(
         app,
         handler_cancellation=True,
+        access_log_class=access_log.ProbeQuietAccessLogger,
         shutdown_timeout=_share(settings, HANDLERS_SHARE, HANDLERS_MAX_S),
     )
     await runner.setup()

@@ -38,8 +38,13 @@ def main(argv: list[str] | None = None) -> None:
             parse_memory(args.kv_cache_memory, 1)
         except ValueError as exc:
             serve.error(f"--kv-cache-memory: {exc}")
+        settings = Settings.from_namespace(args)
         try:
-            run_server(Settings.from_namespace(args))
+            settings.check_ray()
+        except ValueError as exc:
+            serve.error(str(exc))
+        try:
+            run_server(settings)
         except ModelNotFound as exc:
             sys.exit(f"chatserver: {exc}")
     elif args.command == "models":

@@ -74,7 +74,19 @@ class Settings:
         metadata={
             "help": "--engine ray: the Ray cluster to join, its head's address (host:6379) or "
             "auto (the cluster `ray start` joined this machine to); empty: start a local "
-            "Ray instance for this server"
+            "Ray instance for this server. Not Ray Client (ray://host:10001): it cannot "
+            "run the streaming actor calls the workers report through"
+        },
+    )
+    ray_share: str = field(
+        default="",
+        metadata={
+            "help": "--engine ray with --ray-address: share the cluster's workers with every "
+            "instance passing the same NAME (letters, digits, . _ -): worker i is the "
+            "detached actor chatserver-share-NAME-worker-i, created by the first instance "
+            "and attached by the others (same --model, --dtype, --max-context), each with "
+            "its own output stream and sequences; a stopping or vanished instance (10 s "
+            "lease) detaches, the workers stay. Empty: this instance's own workers"
         },
     )
     ray_workers: int = field(default=1, metadata={"help": "--engine ray: worker actors"})
@@ -342,6 +354,25 @@ class Settings:
         """Bytes of KV cache for each of `workers` sharing a device of `device_bytes`."""
         auto = 0.4 if gpu else 0.25  # a GPU worker's device holds little besides
         return parse_memory(self.kv_cache_memory, device_bytes, auto) // max(1, workers)
+
+    def check_ray(self) -> None:
+        """Refuse Ray settings that cannot work, at startup, saying why (ValueError)."""
+        if self.ray_address.startswith("ray://"):
+            raise ValueError(
+                f"--ray-address {self.ray_address}: Ray Client (ray://) is not supported: it "
+                "does not run streaming actor methods (num_returns='streaming'), which the "
+                "workers report their steps through; give the head's GCS address (host:6379) "
+                "and run the server on a cluster node, or one that reaches every node"
+            )
+        if self.ray_share and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", self.ray_share):
+            raise ValueError(
+                f"--ray-share {self.ray_share!r}: use 1 to 64 letters, digits, '.', '_' or '-'"
+            )
+        if self.ray_share and not self.ray_address:
+            raise ValueError(
+                "--ray-share needs --ray-address: without it each instance starts a Ray "
+                "of its own, with nothing to share"
+            )
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

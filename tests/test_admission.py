@@ -45,6 +45,21 @@ def test_queue_admits_running_slots_plus_queue_then_refuses():
         queue.admit(running_slots=1)
 
 
+def test_admit_many_takes_all_places_or_none():
+    """A request's n choices (OpenAI's ``n``) never start partly."""
+    queue = AdmissionQueue(max_queue=1, clock=FakeClock())
+    first = queue.admit_many(running_slots=3, count=3)
+    assert len(first) == 3 and queue.admitted == 3
+    with pytest.raises(ServerBusy):
+        queue.admit_many(running_slots=3, count=2)  # 3 + 2 > 4 places
+    assert queue.admitted == 3
+    (last,) = queue.admit_many(running_slots=3, count=1)
+    for ticket in (*first, last):
+        ticket.release()
+    assert queue.admitted == 0
+    assert len(queue.admit_many(running_slots=3, count=4)) == 4
+
+
 def test_retry_after_follows_the_drain_rate():
     clock = FakeClock()
     queue = AdmissionQueue(max_queue=4, clock=clock)

@@ -91,7 +91,7 @@ def test_parse_request() -> None:
             {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
             "messages[0].content",
         ),
-        ({"model": "m", "messages": HELLO, "n": 2}, "n"),
+        ({"model": "m", "messages": HELLO, "n": 17}, "n"),
         ({"model": "m", "messages": HELLO, "stream": "yes"}, "stream"),
         ({"model": "m", "messages": HELLO, "temperature": 3}, "temperature"),
         ({"model": "m", "messages": HELLO, "max_completion_tokens": 0}, "max_completion_tokens"),
@@ -208,8 +208,9 @@ def test_parse_completion() -> None:
         ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
         ({"model": "m", "prompt": [1, 2, 3]}, "prompt"),
         ({"model": "m", "prompt": [[1, 2]]}, "prompt"),
-        ({"model": "m", "prompt": "x", "n": 2}, "n"),
+        ({"model": "m", "prompt": "x", "n": 0}, "n"),
         ({"model": "m", "prompt": "x", "best_of": 2}, "best_of"),
+        ({"model": "m", "prompt": "x", "n": 2, "best_of": 3}, "best_of"),
         ({"model": "m", "prompt": "x", "echo": True}, "echo"),
         ({"model": "m", "prompt": "x", "logprobs": 21}, "logprobs"),
         ({"model": "m", "prompt": "x", "suffix": " end"}, "suffix"),
@@ -327,7 +328,7 @@ async def test_errors(client: AsyncOpenAI) -> None:
     assert not_found.value.type == "invalid_request_error"
 
     with pytest.raises(openai.BadRequestError) as bad_n:
-        await client.chat.completions.create(model=MODEL, messages=HELLO, n=2)
+        await client.chat.completions.create(model=MODEL, messages=HELLO, n=17)
     assert bad_n.value.param == "n"
 
     with pytest.raises(openai.BadRequestError) as bad_temp:

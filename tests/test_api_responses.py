@@ -174,11 +174,14 @@ async def test_redis_store_is_shared_between_instances(redis_url: str) -> None:
     two = RedisSessionStore(redis_url, ttl=60, prefix=prefix)
     try:
         mine, theirs = open_response_store(one), open_response_store(two)
+        item = {"id": "msg_1", "type": "message", "role": "user", "content": [], "status": "x"}
         record = StoredResponse(
-            "resp_x", "alice", {"id": "resp_x", "status": "completed"}, [{"role": "user"}]
+            "resp_x", "alice", {"id": "resp_x", "status": "completed"}, [{"role": "user"}], [item]
         )
         await mine.put(record)
+        # The other instance lists the same input items (ids and all).
         assert await theirs.get("resp_x", owner="alice") == record
+        assert (await theirs.get("resp_x", owner="alice")).input_items == [item]
         assert await theirs.get("resp_x", owner="bob") is None
         assert await theirs.get("../session:x", owner="alice") is None
         assert not await theirs.delete("resp_x", owner="bob")
@@ -439,9 +442,10 @@ async def test_websocket_multiplexes_stream_ids(client: AsyncOpenAI) -> None:
                 }
             )
         events: list[Any] = []
-        while sum(e.type in TERMINAL for e in events) < 3:
+        # An error event ends the wait too (it would never be followed by a terminal one).
+        while sum(e.type in TERMINAL or e.type == "error" for e in events) < 3:
             events.append(await conn.recv())
-    assert all(e.type != "error" for e in events)
+    assert all(e.type != "error" for e in events), [e for e in events if e.type == "error"]
     order = [
         (e.stream_id, e.type) for e in events if e.type == "response.created" or e.type in TERMINAL
     ]
@@ -501,3 +505,151 @@ async def test_websocket_errors_and_close_cancels(
             pass
         assert await generations(exact_server) >= 1
     await wait_no_generations(exact_server)
+
+
+# --- logprobs ---------------------------------------------------------------------------
+
+LOGPROBS = {"include": ["message.output_text.logprobs"], "top_logprobs": 2}
+
+
+def _entries(logprobs: list[Any]) -> list[dict[str, Any]]:
+    return [lp.model_dump() for lp in logprobs]
+
+
+async def test_logprobs_seeded_streamed_and_stored(client: AsyncOpenAI) -> None:
+    """Seeded sampling gives the same logprobs twice; the tokens spell the text; the
+    stream's deltas carry the same entries as the answer; GET returns them stored."""
+    body = {
+        "model": MODEL,
+        "instructions": INSTRUCTIONS,
+        "input": "Name a fruit.",
+        "temperature": 0.9,
+        "max_output_tokens": 8,
+        **LOGPROBS,
+    }
+    first = await client.responses.create(**body, extra_body={"seed": 11})
+    again = await client.responses.create(**body, extra_body={"seed": 11})
+    [part] = first.output[0].content
+    entries = _entries(part.logprobs)
+    assert first.top_logprobs == 2 and 0 < len(entries) <= 8
+    assert entries == _entries(again.output[0].content[0].logprobs)
+    assert "".join(e["token"] for e in entries) == part.text == again.output_text
+    for e in entries:
+        assert e["logprob"] <= 0 and bytes(e["bytes"]).decode(errors="replace") == e["token"]
+        assert len(e["top_logprobs"]) == 2
+        assert e["top_logprobs"][0]["logprob"] >= e["top_logprobs"][1]["logprob"]
+    events = [
+        e async for e in await client.responses.create(**body, stream=True, extra_body={"seed": 11})
+    ]
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert "".join(d.delta for d in deltas) == part.text
+    # Each delta carries its tokens' entries (the SDK keeps the bytes its type omits).
+    assert [lp.model_dump() for d in deltas for lp in d.logprobs] == entries
+    assert _entries(events[-1].response.output[0].content[0].logprobs) == entries
+    done = next(e for e in events if e.type == "response.content_part.done")
+    assert _entries(done.part.logprobs) == entries
+    stored = await client.responses.retrieve(first.id)
+    assert _entries(stored.output[0].content[0].logprobs) == entries
+    # Without include, no logprobs (OpenAI's empty list).
+    plain = await client.responses.create(**greedy(input="Hi.", max_output_tokens=2))
+    assert plain.output[0].content[0].logprobs == [] and plain.top_logprobs == 0
+
+
+async def test_logprobs_bounds_and_refusals(client: AsyncOpenAI) -> None:
+    for extra, code, param in [
+        ({"top_logprobs": 21}, "invalid_parameter", "top_logprobs"),
+        ({"top_logprobs": -1}, "invalid_parameter", "top_logprobs"),
+        ({"top_logprobs": "2"}, "invalid_parameter", "top_logprobs"),
+        ({"include": ["reasoning.encrypted_content"]}, "unsupported_parameter", "include"),
+        ({"include": "message.output_text.logprobs"}, "invalid_field", "include"),
+        (
+            {**LOGPROBS, "tools": [WEATHER], "tool_choice": "required"},
+            "unsupported_parameter",
+            "include",
+        ),
+    ]:
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.responses.create(
+                **greedy(input="Hi.", max_output_tokens=2), extra_body=extra
+            )
+        assert (info.value.code, info.value.param) == (code, param), extra
+    # top_logprobs alone asks for logprobs; 0 and 20 are the bounds.
+    r = await client.responses.create(**greedy(input="Hi.", max_output_tokens=2), top_logprobs=20)
+    assert all(len(e.top_logprobs) == 20 for e in r.output[0].content[0].logprobs)
+    r = await client.responses.create(
+        **greedy(input="Hi.", max_output_tokens=2), include=LOGPROBS["include"], top_logprobs=0
+    )
+    entries = r.output[0].content[0].logprobs
+    assert entries and all(e.top_logprobs == [] for e in entries)
+
+
+# --- input items --------------------------------------------------------------------------
+
+
+async def test_input_items_listed_and_paginated(
+    client: AsyncOpenAI, http: aiohttp.ClientSession, exact_server: ServerProcess
+) -> None:
+    given = [
+        {"role": "developer", "content": "Be brief."},
+        {"type": "message", "role": "user", "content": "a", "id": "msg_mine"},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "b"}]},
+        {"role": "user", "content": [{"type": "input_text", "text": "c"}]},
+        {"role": "user", "content": "d", "id": "msg_mine"},  # a duplicate id: a new one
+    ]
+    r = await client.responses.create(model=MODEL, input=given, max_output_tokens=2)
+    listed = [item async for item in client.responses.input_items.list(r.id, limit=2)]
+    asc = (await client.responses.input_items.list(r.id, order="asc")).data
+    assert [i.id for i in listed] == [i.id for i in reversed(asc)]  # desc, the default
+    assert [(i.role, i.content[0].text) for i in asc] == [
+        ("developer", "Be brief."),
+        ("user", "a"),
+        ("assistant", "b"),
+        ("user", "c"),
+        ("user", "d"),
+    ]
+    assert asc[1].id == "msg_mine" and len({i.id for i in asc}) == 5
+    assert [i.content[0].type for i in asc] == ["input_text"] * 2 + ["output_text"] + [
+        "input_text"
+    ] * 2
+    page = await client.responses.input_items.list(r.id, order="asc", limit=2, after=asc[1].id)
+    assert [i.id for i in page.data] == [asc[2].id, asc[3].id] and page.has_more
+    assert (page.first_id, page.last_id) == (asc[2].id, asc[3].id)
+    last = await client.responses.input_items.list(r.id, order="asc", after=asc[3].id)
+    assert [i.id for i in last.data] == [asc[4].id] and not last.has_more
+    # Stable: listed again, the same ids; a chained response lists its own input only.
+    again = await client.responses.input_items.list(r.id, order="asc")
+    assert [i.id for i in again.data] == [i.id for i in asc]
+    call = {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"}
+    output = {"type": "function_call_output", "call_id": "call_1", "output": "42"}
+    chained = await client.responses.create(
+        model=MODEL, input=[call, output], previous_response_id=r.id, max_output_tokens=2
+    )
+    items = (await client.responses.input_items.list(chained.id, order="asc")).data
+    assert [(i.type, i.call_id) for i in items] == [
+        ("function_call", "call_1"),
+        ("function_call_output", "call_1"),
+    ]
+    assert items[0].id.startswith("fc_") and items[1].output == "42"
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.input_items.list("resp_doesnotexist")
+    await client.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.input_items.list(r.id)
+    url = f"{exact_server.url}/v1/responses/{chained.id}/input_items"
+    for query, param in [
+        ("limit=0", "limit"),
+        ("limit=101", "limit"),
+        ("limit=x", "limit"),
+        ("order=sideways", "order"),
+        ("after=msg_unknown", "after"),
+        ("include[]=file_search_call.results", "include"),
+    ]:
+        async with http.get(f"{url}?{query}") as resp:
+            error = (await resp.json())["error"]
+            assert (resp.status, error["param"]) == (400, param), query
+            assert error["type"] == "invalid_request_error"
+    async with http.get(f"{url}?include[]=message.output_text.logprobs&limit=100") as resp:
+        assert resp.status == 200 and len((await resp.json())["data"]) == 2
+    async with http.get(exact_server.url + "/v1/responses/resp_nope/input_items") as resp:
+        error = (await resp.json())["error"]
+        assert resp.status == 404 and error["code"] == "not_found" and error["message"]

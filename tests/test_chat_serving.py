@@ -19,8 +19,10 @@ import pytest
 import websockets
 from transformers import AutoTokenizer
 
+from chatserver.api.chat.serving import ToolAnswers, pending_calls
 from chatserver.config import Settings
 from chatserver.models.prompt import render
+from chatserver.models.tools import ToolChoice
 from tests.serverproc import ServerProcess, delete_redis_keys
 from tests.test_api_ws import recv, send, ws_url
 
@@ -223,3 +225,30 @@ async def test_a_message_too_long_for_any_prompt_does_not_wait_for_its_session(
         _, long_done, _, long_done_at = await long_turn
     assert long_done["finish_reason"] == "length"
     assert refused_at < long_done_at - 0.2  # not after the turn that held the session
+
+
+# --- tool calls in the history (/ws tools) ---------------------------------------------
+
+
+def test_pending_calls_are_the_calls_that_end_a_history() -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    calls = [{"id": "call_1", "name": "f", "arguments": "{}"}]
+    asked = {"role": "user", "content": "q"}
+    made = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": calls,
+        "tools": [tool],
+        "parallel_tool_calls": False,
+    }
+    pending = pending_calls([asked, made])
+    assert pending is not None and pending.call_ids == ("call_1",)
+    # A continuation lists the same tools, the model choosing (a forced call again would loop).
+    assert [t.name for t in pending.tools.tools] == ["f"]
+    assert pending.tools.choice == ToolChoice("auto") and not pending.tools.parallel
+    answered = ToolAnswers(("call_1",), ("ok",)).messages()
+    assert answered == [{"role": "tool", "tool_call_id": "call_1", "content": "ok"}]
+    reply = {"role": "assistant", "content": "Done."}
+    assert pending_calls([asked, made, *answered, reply]) is None  # answered
+    assert pending_calls([asked, made, asked]) is None  # abandoned: a later message
+    assert pending_calls([asked, reply]) is None and pending_calls([]) is None

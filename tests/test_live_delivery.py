@@ -135,6 +135,41 @@ async def test_find_reply_and_reply_frames_from_an_offset(channel: LiveChannel) 
     ]
 
 
+async def test_a_continuation_starts_at_its_tool_results_and_replays_its_calls(
+    channel: LiveChannel,
+) -> None:
+    """A reply that answers tool calls starts with a tool_results frame (not a user
+    one); a reply's tool_calls frame is replayed after its text, before its end."""
+    sid = uuid.uuid4().hex
+    calls = [{"id": "call_1", "name": "get_weather", "arguments": "{}"}]
+    results = [{"tool_call_id": "call_1", "content": "18 C"}]
+    await channel.publish(
+        sid,
+        "a",
+        [
+            {"type": "user", "id": "m1", "content": "weather?"},
+            {"type": "token", "id": "m1", "content": "Let me look.", "offset": 0},
+            {"type": "tool_calls", "id": "m1", "calls": calls},
+            {"type": "done", "id": "m1", "finish_reason": "tool_calls"},
+            {"type": "tool_results", "id": "m2", "results": results},
+            {"type": "token", "id": "m2", "content": "Sunny.", "offset": 0},
+            {"type": "done", "id": "m2", "finish_reason": "stop"},
+        ],
+    )
+    first = await channel.find_reply(sid, "m1")
+    assert first is not None and first.finished and first.length == len("Let me look.")
+    frames = [f async for f in channel.reply_frames(sid, "m1", first, 0)]
+    assert [f["type"] for f in frames] == ["token", "tool_calls", "done"]
+    assert frames[1]["calls"] == calls
+    # From past the text on: the calls and the end only.
+    frames = [f async for f in channel.reply_frames(sid, "m1", first, first.length)]
+    assert [f["type"] for f in frames] == ["tool_calls", "done"]
+    second = await channel.find_reply(sid, "m2")
+    assert second is not None and second.finished and second.length == len("Sunny.")
+    frames = [f async for f in channel.reply_frames(sid, "m2", second, 0)]
+    assert [(f["type"], f.get("content")) for f in frames] == [("token", "Sunny."), ("done", None)]
+
+
 def test_coalesce_merges_adjacent_tokens_of_one_reply_only() -> None:
     frames = [
         {"type": "user", "id": "m", "content": "q"},

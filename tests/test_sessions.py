@@ -91,6 +91,31 @@ async def test_create_append_read_delete(store: SessionStore) -> None:
     assert not await store.delete(sid, owner=OWNER)
 
 
+async def test_a_turn_of_tool_results_is_stored_whole(store: SessionStore) -> None:
+    """Tool calling (/ws): an assistant message with calls, then a turn that opens
+    with the calls' results instead of a user message."""
+    sid = await store.create(owner=OWNER)
+    calls = [
+        {"id": "call_1", "name": "f", "arguments": "{}"},
+        {"id": "call_2", "name": "f", "arguments": '{"x": 1}'},
+    ]
+    with_calls = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": calls,
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "parallel_tool_calls": True,
+    }
+    assert await store.append_turn(sid, USER, with_calls, owner=OWNER)
+    answers = [
+        {"role": "tool", "tool_call_id": c["id"], "content": f"r{i}"} for i, c in enumerate(calls)
+    ]
+    reply = {"role": "assistant", "content": "Done."}
+    assert await store.append_turn(sid, answers, reply, owner=OWNER)
+    assert await store.messages(sid, owner=OWNER) == [USER, with_calls, *answers, reply]
+    assert not await store.append_turn("0" * 32, answers, reply, owner=OWNER)
+
+
 async def test_unknown_and_malformed_ids(store: SessionStore) -> None:
     sid = await store.create(owner=OWNER)
     for bad in ("nope", "", sid + ":messages", "../" + sid, "x" * 500):

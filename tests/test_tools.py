@@ -21,9 +21,11 @@ from chatserver.models.tools import (
     ToolCall,
     ToolCallParser,
     ToolChoice,
+    ToolUse,
     call_grammar,
     declared_only,
     parse_reply,
+    parse_tool_use,
     text_messages,
 )
 from tests.conftest import MODEL_DIR
@@ -394,3 +396,25 @@ def test_malformed_tools_are_400_naming_the_field(body: dict[str, Any], param: s
     with pytest.raises(ApiError) as info:
         parse_chat_completion({"model": "m", "messages": HELLO, **body})
     assert (info.value.status, info.value.param) == (400, param)
+
+
+def test_tool_use_is_a_requests_tools_for_transports_without_openai_objects() -> None:
+    """/ws keeps no OpenAI request: ToolUse carries what the prompt lists and the parser."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    assert parse_tool_use({}) == ToolUse()
+    assert ToolUse().parser() is None and ToolUse().prompt_tools == ()
+    auto = parse_tool_use({"tools": [tool]})
+    assert auto.choice == ToolChoice("auto") and auto.parallel
+    assert [t.name for t in auto.prompt_tools] == ["f"]
+    parser = auto.parser()
+    assert parser is not None and parser.max_calls is None and not parser.forced
+    none = parse_tool_use({"tools": [tool], "tool_choice": "none"})
+    assert none.prompt_tools == () and none.parser() is None
+    forced = parse_tool_use(
+        {"tools": [tool], "tool_choice": "required", "parallel_tool_calls": False}
+    )
+    parser = forced.parser()
+    assert parser is not None and parser.max_calls == 1 and parser.forced
+    with pytest.raises(ApiError) as info:
+        parse_tool_use({"tools": [tool], "parallel_tool_calls": "no"})
+    assert info.value.param == "parallel_tool_calls"

@@ -13,7 +13,8 @@ frames), then a probe cancel and a valid chat. It holds that:
 - every frame the server sends is JSON that the OpenAPI document's
   ``WsServerFrame`` schema admits, with a documented error code, never
   ``internal_error``;
-- every frame that is not a valid chat or cancel gets an error frame;
+- every frame that is not a valid chat or cancel gets an error frame (tool
+  results too: no call here waits for one);
 - the probe is answered at once, and the chat after it is answered in full;
 - the server process lives on and logs no traceback.
 
@@ -168,6 +169,48 @@ def wrong_fields(draw: st.DrawFn) -> Frame:
     return Frame(_dumps(frame), refused=True)
 
 
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@st.composite
+def tool_frames(draw: st.DrawFn) -> Frame:
+    """Tools on a chat, well-formed (auto or none: a reply of a token or two) or one
+    field wrong; and tool results, which no call here waits for: always refused."""
+    kind = draw(st.sampled_from(["valid", "wrong", "result", "results"]))
+    if kind == "valid":
+        chat = {"type": "chat", "content": "hi", "params": {"max_tokens": 1}, "tools": [TOOL]}
+        chat["tool_choice"] = draw(st.sampled_from(["auto", "none", None]))
+        chat["parallel_tool_calls"] = draw(st.sampled_from([True, False, None]))
+        return Frame(_dumps(chat), refused=False)
+    if kind == "wrong":
+        chat = {"type": "chat", "content": "hi", "params": {"max_tokens": 1}, "tools": [TOOL]}
+        field = draw(st.sampled_from(["tools", "tool_choice", "parallel_tool_calls"]))
+        chat[field] = draw(
+            {
+                "tools": JSON_VALUES.filter(lambda v: v is not None and v != []).filter(
+                    lambda v: not isinstance(v, list) or v[0] != TOOL
+                )
+                | st.just([{"type": "function", "function": {"name": "a b"}}]),
+                "tool_choice": JSON_VALUES.filter(
+                    lambda v: v is not None and v not in ("none", "auto", "required")
+                )
+                | st.just({"type": "function", "function": {"name": "g"}}),
+                "parallel_tool_calls": JSON_VALUES.filter(
+                    lambda v: v is not None and not isinstance(v, bool)
+                ),
+            }[field]
+        )
+        return Frame(_dumps(chat), refused=True)
+    result = {"tool_call_id": draw(TEXT | IDS), "content": draw(TEXT | JSON_VALUES)}
+    if kind == "result":
+        frame = {"type": "tool_result", **result}
+    else:
+        frame = {"type": "tool_results", "results": draw(st.sampled_from([[result], [], {}]))}
+    if draw(st.booleans()):
+        frame["id"] = draw(IDS)
+    return Frame(_dumps(frame), refused=True)
+
+
 BOUNDS = {  # chatserver.protocol.sampling's
     "max_tokens": (1, 1 << 20),
     "temperature": (0, 2),
@@ -300,6 +343,7 @@ FRAMES = st.one_of(
     paired_surrogates(),
     huge_literals(),
     deep_nesting(),
+    tool_frames(),
     OTHER_REFUSED,
 )
 

@@ -24,7 +24,15 @@ from aiohttp import web
 from chatserver import __version__
 from chatserver.api.chat.protocol import MAX_LIST_LIMIT
 from chatserver.api.chat.protocol import PARAM_NAMES as QUERY_PARAMS
-from chatserver.api.openai.protocol import ROLES, UNSUPPORTED_CHAT, UNSUPPORTED_COMPLETION
+from chatserver.api.openai.protocol import MAX_N, ROLES, UNSUPPORTED_CHAT, UNSUPPORTED_COMPLETION
+from chatserver.api.responses.protocol import (
+    INCLUDABLE,
+    MAX_ITEM_ID,
+    MAX_ITEMS_LIMIT,
+    MAX_METADATA_KEY,
+    MAX_METADATA_PAIRS,
+    MAX_METADATA_VALUE,
+)
 from chatserver.api.state import API_KEYS, ENGINE, SETTINGS
 from chatserver.config import DEFAULT_MODEL_NAME
 from chatserver.protocol.sampling import (
@@ -137,7 +145,7 @@ def _params(names: frozenset[str]) -> dict[str, Schema]:
 
 # Values that ask for nothing of an OpenAI parameter not honoured yet; each table in
 # api/openai/protocol.py says which of them it accepts (any other is refused).
-_NOTHING_ASKED: list[Any] = [[], "none", False, "", ["text"], {"type": "text"}, 1]
+_NOTHING_ASKED: list[Any] = [[], "none", False, "", ["text"], {"type": "text"}]
 
 
 def _unsupported(table: dict[str, tuple[Any, str]]) -> dict[str, Schema]:
@@ -235,7 +243,8 @@ TOOL_PARAMS: dict[str, Schema] = {
         ],
         "description": "`required` and a named function are guaranteed by constrained "
         "decoding (arguments valid for the function's schema); `auto` is parsed from the "
-        "model's reply. Default: `auto` with tools, else `none`.",
+        "model's reply. Default: `auto` with tools, else `none`; anything but `none` "
+        "without `tools` is 400 invalid_field.",
     },
     "parallel_tool_calls": {
         "type": "boolean",
@@ -359,8 +368,26 @@ OPENAI_USAGE = _object(
 )
 REQUEST_ID = {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,64}$"}
 
+# best_of left out or null, or equal to n (n left out or null being 1).
+BEST_OF_IS_N: list[Schema] = [
+    {"properties": {"best_of": {"type": "null"}}},
+    {"properties": {"n": {"type": "null"}, "best_of": {"const": 1}}},
+    *(
+        {"properties": {"n": {"const": k}, "best_of": {"const": k}}, "required": ["n"]}
+        for k in range(1, MAX_N + 1)
+    ),
+]
+CHOICE_INDEX = {"type": "integer", "minimum": 0, "maximum": MAX_N - 1}
+
 _STREAMING: dict[str, Schema] = {
-    "n": {"enum": [1, None], "description": "Only 1 is supported."},
+    "n": {
+        "type": ["integer", "null"],
+        "minimum": 1,
+        "maximum": MAX_N,
+        "description": "Choices to generate, each a separate generation of the one prompt "
+        "(with seed, choice i samples with seed + i); usage counts the prompt once and the "
+        "completions of all. More than the server runs or queues at once is a 400.",
+    },
     "stream": {"type": ["boolean", "null"]},
     "stream_options": _nullable(
         {"type": "object", "properties": {"include_usage": {"type": ["boolean", "null"]}}}
@@ -435,10 +462,29 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "SessionMessage": _object(
         {
-            "role": {"enum": ["user", "assistant"]},
+            "role": {"enum": ["user", "assistant", "tool"]},
             "content": {"type": "string"},
             "cancelled": {"const": True, "description": "A reply cut short by its client."},
             "interrupted": {"const": True, "description": "A reply cut short by a shutdown."},
+            "tool_calls": {
+                "type": "array",
+                "description": "An assistant message's calls (/ws tools).",
+                "items": _object(
+                    {
+                        "id": {"type": "string"},
+                        "name": _FUNCTION_NAME,
+                        "arguments": {"type": "string", "description": "JSON text."},
+                    },
+                    ["id", "name", "arguments"],
+                ),
+            },
+            "tools": {
+                "type": "array",
+                "items": {"type": "object"},
+                "description": "With tool_calls: the tools the reply chose from.",
+            },
+            "parallel_tool_calls": {"type": "boolean"},
+            "tool_call_id": {"type": "string", "description": "A tool result's call."},
         },
         ["role", "content"],
     ),
@@ -571,6 +617,13 @@ SCHEMAS: dict[str, Schema] = {
             **_STREAMING,
             **_params(PARAM_NAMES),
             **_unsupported(UNSUPPORTED_COMPLETION),
+            "best_of": {
+                "type": ["integer", "null"],
+                "minimum": 1,
+                "maximum": MAX_N,
+                "description": "Must equal n (1 when n is left out): generating more "
+                "candidates than are returned is not supported (unsupported_parameter).",
+            },
             "logprobs": {
                 "type": ["integer", "null"],
                 "minimum": 0,
@@ -579,6 +632,7 @@ SCHEMAS: dict[str, Schema] = {
             },
         },
         "required": ["model", "prompt"],
+        "anyOf": BEST_OF_IS_N,
     },
     "OpenAIUsage": OPENAI_USAGE,
     "ChatCompletion": _object(
@@ -591,10 +645,10 @@ SCHEMAS: dict[str, Schema] = {
             "choices": {
                 "type": "array",
                 "minItems": 1,
-                "maxItems": 1,
+                "maxItems": MAX_N,
                 "items": _object(
                     {
-                        "index": {"const": 0},
+                        "index": CHOICE_INDEX,
                         "message": _object(
                             {
                                 "role": {"const": "assistant"},
@@ -625,7 +679,7 @@ SCHEMAS: dict[str, Schema] = {
                 "maxItems": 1,
                 "items": _object(
                     {
-                        "index": {"const": 0},
+                        "index": CHOICE_INDEX,
                         "delta": _object(
                             {
                                 "role": {"const": "assistant"},
@@ -658,7 +712,7 @@ SCHEMAS: dict[str, Schema] = {
             "choices": {
                 "type": "array",
                 "minItems": 1,
-                "maxItems": 1,
+                "maxItems": MAX_N,
                 "items": {
                     "allOf": [
                         _ref("TextChoice"),
@@ -672,13 +726,13 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "TextChoice": _object(
         {
-            "index": {"const": 0},
+            "index": CHOICE_INDEX,
             "text": {"type": "string"},
             "logprobs": TEXT_LOGPROBS,
             "finish_reason": {"enum": ["stop", "length", None]},
         },
         ["index", "text", "logprobs", "finish_reason"],
-        description="finish_reason is null on every streamed chunk but the last.",
+        description="finish_reason is null on every streamed chunk but each choice's last.",
     ),
     "TextCompletionChunk": _object(
         {
@@ -769,8 +823,11 @@ WS_ERROR_CODES = [
     "nothing_to_cancel",
     "unauthorized",
     "reply_not_found",
+    "unknown_tool_call",
+    "missing_tool_results",
     # the turn (api/errors.py maps these once, for HTTP too)
     "session_not_found",
+    "tool_calls_abandoned",
     "context_length_exceeded",
     "rate_limited",
     "server_busy",
@@ -791,11 +848,50 @@ SCHEMAS |= {
             "id": {**_nullable(_WS_ID), "description": "Without it the server assigns m1, m2, …"},
             "session_id": _nullable(_WS_ID),
             "params": _nullable(_object(_params(WS_PARAMS), [])),
+            **{name: _nullable(schema) for name, schema in TOOL_PARAMS.items()},
         },
         ["type", "content"],
         description="Queued (up to --ws-queue) and answered in order. Unknown fields are ignored.",
     )
     | {"additionalProperties": True},
+    "WsToolResultsFrame": {
+        "type": "object",
+        "description": "The results of every pending tool call of a reply (one left out: "
+        "`missing_tool_results`); queues the continuation, a new reply with id `id` (or "
+        "m1, m2, …) on the history with the calls and their results.",
+        "properties": {
+            "type": {"const": "tool_results"},
+            "results": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 128,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "tool_call_id": _WS_ID,
+                        "content": {"type": "string"},
+                    },
+                    "required": ["tool_call_id", "content"],
+                },
+            },
+            "id": _nullable(_WS_ID),
+            "session_id": _nullable(_WS_ID),
+        },
+        "required": ["type", "results"],
+    },
+    "WsToolResultFrame": {
+        "type": "object",
+        "description": "The result of one pending tool call; the one that answers a reply's "
+        "last call queues the continuation, a new reply with id `id` (or m1, m2, …).",
+        "properties": {
+            "type": {"const": "tool_result"},
+            "tool_call_id": _WS_ID,
+            "content": {"type": "string"},
+            "id": _nullable(_WS_ID),
+            "session_id": _nullable(_WS_ID),
+        },
+        "required": ["type", "tool_call_id", "content"],
+    },
     "WsCancelFrame": {
         "type": "object",
         "properties": {
@@ -835,6 +931,8 @@ SCHEMAS |= {
             _ref("WsChatFrame"),
             _ref("WsCancelFrame"),
             _ref("WsResumeFrame"),
+            _ref("WsToolResultsFrame"),
+            _ref("WsToolResultFrame"),
             _ref("WsAuthFrame"),
         ],
     },
@@ -863,7 +961,16 @@ SCHEMAS |= {
                     "frame": {
                         "type": "object",
                         "properties": {
-                            "type": {"enum": ["user", "token", "done", "error"]},
+                            "type": {
+                                "enum": [
+                                    "user",
+                                    "tool_results",
+                                    "token",
+                                    "tool_calls",
+                                    "done",
+                                    "error",
+                                ]
+                            },
                             "id": _WS_ID,
                         },
                         "required": ["type", "id"],
@@ -871,13 +978,38 @@ SCHEMAS |= {
                 },
                 ["type", "session_id", "frame"],
                 description="A reply another socket on this socket's session produced (any "
-                "server on the Redis): its user message, then its token, done or error frames.",
+                "server on the Redis): its user message (or the tool results it continues "
+                "from), then its token, tool_calls, done or error frames.",
+            ),
+            _object(
+                {
+                    "type": {"const": "tool_calls"},
+                    "id": _WS_ID,
+                    "calls": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": _object(
+                            {
+                                "id": {"type": "string", "minLength": 1},
+                                "name": _FUNCTION_NAME,
+                                "arguments": {
+                                    "type": "string",
+                                    "description": "JSON text (an object).",
+                                },
+                            },
+                            ["id", "name", "arguments"],
+                        ),
+                    },
+                },
+                ["type", "id", "calls"],
+                description="The reply's tool calls (never sent as token text), before its "
+                "done frame (finish_reason tool_calls); answer them with tool_results.",
             ),
             _object(
                 {
                     "type": {"const": "done"},
                     "id": _WS_ID,
-                    "finish_reason": {"enum": FINISH_REASONS},
+                    "finish_reason": {"enum": [*FINISH_REASONS, "tool_calls"]},
                     "usage": _ref("Usage"),
                     "stored": {"type": "boolean"},
                 },
@@ -899,6 +1031,319 @@ SCHEMAS |= {
             ),
         ]
     },
+}
+
+# --- the Responses API (api/responses) ----------------------------------------------
+
+# A message's (or a tool output's) text: a string, or text parts (fields beside
+# ``type`` and ``text`` are ignored).
+_RESPONSE_TEXT: Schema = {
+    "anyOf": [
+        {"type": "string"},
+        {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "type": {"enum": ["input_text", "output_text"]},
+                    "text": {"type": "string"},
+                },
+                "required": ["type", "text"],
+            },
+        },
+    ]
+}
+_ITEM_ID: Schema = {
+    "description": "Kept as the item's id in GET .../input_items when a string of 1 to "
+    f"{MAX_ITEM_ID} characters not used by an earlier item of the input; else one is made.",
+}
+_RESPONSE_TOOL: Schema = {
+    "type": "object",
+    "properties": {
+        "type": {"const": "function"},
+        "name": _FUNCTION_NAME,
+        "description": {"type": ["string", "null"]},
+        "parameters": {
+            "type": ["object", "null"],
+            "properties": {"type": {"const": "object"}},
+            "description": "The arguments' JSON schema (of type object).",
+        },
+        "strict": {"type": ["boolean", "null"]},
+    },
+    "required": ["type", "name"],
+    "description": "Only function tools; their names are unique within the request.",
+}
+# Parameters not honoured (api/responses/protocol.UNSUPPORTED): the values that ask
+# for nothing, any other is 400 unsupported_parameter.
+_RESPONSES_UNSUPPORTED: dict[str, Schema] = {
+    "reasoning": {"type": ["object", "null"], "additionalProperties": {"type": "null"}},
+    "conversation": {"type": "null"},
+    "prompt": {"type": "null"},
+    "context_management": {
+        "anyOf": [
+            {"type": "array", "maxItems": 0},
+            {"type": "object", "maxProperties": 0},
+            {"type": "null"},
+        ]
+    },
+    "generate": {"enum": [True, None]},
+    "moderation": {"type": "null"},
+    "image": {"type": "null"},
+    "service_tier": {"enum": ["auto", "default", None]},
+    "prompt_cache_retention": {"enum": ["in_memory", None]},
+}
+_RESPONSE_STATUSES = ["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
+_RESPONSE_LOGPROB = _object(
+    {
+        **_LOGPROB_TOKEN,
+        "top_logprobs": {
+            "type": "array",
+            "maxItems": 20,
+            "items": _object(_LOGPROB_TOKEN, ["token", "logprob", "bytes"]),
+        },
+    },
+    ["token", "logprob", "bytes", "top_logprobs"],
+)
+
+SCHEMAS |= {
+    "ResponseInputItem": {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"const": "message"},
+                    "role": {"enum": list(ROLES)},
+                    "content": _RESPONSE_TEXT,
+                    "id": _ITEM_ID,
+                },
+                "required": ["role", "content"],
+                "description": "A message (`type` may be left out).",
+            },
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"const": "function_call"},
+                    "call_id": {"type": "string"},
+                    "name": {"type": "string"},
+                    "arguments": {"type": "string", "description": "JSON text."},
+                    "id": _ITEM_ID,
+                },
+                "required": ["type", "call_id", "name", "arguments"],
+            },
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"const": "function_call_output"},
+                    "call_id": {"type": "string"},
+                    "output": _RESPONSE_TEXT,
+                    "id": _ITEM_ID,
+                },
+                "required": ["type", "call_id", "output"],
+            },
+        ],
+        "description": "Text only; fields beside these are ignored.",
+    },
+    "ResponseCreateRequest": {
+        "type": "object",
+        "description": "Fields OpenAI does not define are ignored. Refused with 400 besides "
+        "what the schema says: `tool_choice` other than `none`/`auto` without `tools`, a "
+        "forced `tool_choice` with a `text.format` schema, logprobs (`include` or "
+        "`top_logprobs`) when the model may call tools, `background` with `stream` or with "
+        "`store: false`, a `text.format` schema that does not compile, and a "
+        "`previous_response_id` this deployment does not have "
+        "(`previous_response_not_found`).",
+        "properties": {
+            "model": {"type": "string", "minLength": 1},
+            "input": {
+                "anyOf": [
+                    {"type": "string", "minLength": 1, "description": "One user message."},
+                    {"type": "array", "minItems": 1, "items": _ref("ResponseInputItem")},
+                ]
+            },
+            "instructions": {
+                "type": ["string", "null"],
+                "description": "A system message before the conversation (not carried over "
+                "by `previous_response_id`).",
+            },
+            "previous_response_id": {
+                "type": ["string", "null"],
+                "description": "Continue that response's conversation (from the session "
+                "store: memory, or Redis shared by every instance).",
+            },
+            "max_output_tokens": SAMPLING["max_tokens"],
+            **{
+                name: SAMPLING[name]
+                for name in ("temperature", "top_p", "seed", "top_k", "stop", "ignore_eos")
+            },
+            "stream": {
+                "type": ["boolean", "null"],
+                "description": "Server-sent events: `response.created` … "
+                "`response.output_text.delta` … `response.completed`.",
+            },
+            "store": {
+                "type": ["boolean", "null"],
+                "description": "Keep the response for GET, input_items and chaining "
+                "(default true).",
+            },
+            "background": {
+                "type": ["boolean", "null"],
+                "description": "Answer at once (`queued`); poll GET /v1/responses/{id}.",
+            },
+            "stream_options": {"type": ["object", "null"]},
+            "metadata": {
+                "type": ["object", "null"],
+                "maxProperties": MAX_METADATA_PAIRS,
+                "propertyNames": {"maxLength": MAX_METADATA_KEY},
+                "additionalProperties": {"type": "string", "maxLength": MAX_METADATA_VALUE},
+            },
+            "text": {
+                "type": ["object", "null"],
+                "properties": {
+                    "format": {
+                        "anyOf": [
+                            {
+                                "type": "object",
+                                "properties": {"type": {"enum": ["text", "json_object"]}},
+                                "required": ["type"],
+                            },
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "type": {"const": "json_schema"},
+                                    "name": {"type": "string", "minLength": 1, "maxLength": 64},
+                                    "description": {"type": ["string", "null"]},
+                                    "schema": {"type": "object", "description": "A JSON schema."},
+                                    "strict": {"type": ["boolean", "null"]},
+                                },
+                                "required": ["type", "name", "schema"],
+                            },
+                            {"type": "null"},
+                        ],
+                        "description": "Constrained decoding, as chat's `response_format`.",
+                    },
+                    "verbosity": {"enum": ["medium", None]},
+                },
+            },
+            "truncation": {
+                "enum": ["auto", "disabled", None],
+                "description": "`auto` drops the oldest turns of a conversation that outgrew "
+                "the context; `disabled` (the default) refuses it.",
+            },
+            "tools": {"type": ["array", "null"], "maxItems": 128, "items": _RESPONSE_TOOL},
+            "tool_choice": {
+                "anyOf": [
+                    {"enum": ["none", "auto", "required"]},
+                    _object(
+                        {"type": {"const": "function"}, "name": _FUNCTION_NAME},
+                        ["type", "name"],
+                        additionalProperties=True,
+                    ),
+                    {"type": "null"},
+                ],
+                "description": TOOL_PARAMS["tool_choice"]["description"],
+            },
+            "parallel_tool_calls": {"type": ["boolean", "null"]},
+            "include": {
+                "type": ["array", "null"],
+                "items": {"enum": list(INCLUDABLE)},
+                "description": "`message.output_text.logprobs`: each output_text part's "
+                "tokens' logprobs (in the part and in each `response.output_text.delta`).",
+            },
+            "top_logprobs": {
+                "type": ["integer", "null"],
+                "minimum": 0,
+                "maximum": 20,
+                "description": "Alternatives per token; above 0 asks for logprobs without "
+                "`include`.",
+            },
+            "user": {"type": ["string", "null"]},
+            **_RESPONSES_UNSUPPORTED,
+        },
+        "required": ["model", "input"],
+    },
+    "Response": {
+        "type": "object",
+        "description": "OpenAI's `response` object (the `openai` package's `Response`).",
+        "properties": {
+            "id": {"type": "string", "pattern": "^resp_"},
+            "object": {"const": "response"},
+            "created_at": {"type": "integer"},
+            "status": {"enum": _RESPONSE_STATUSES},
+            "model": {"type": "string"},
+            "output": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "type": {"enum": ["message", "function_call"]},
+                        "content": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "type": {"const": "output_text"},
+                                    "text": {"type": "string"},
+                                    "logprobs": {"type": "array", "items": _RESPONSE_LOGPROB},
+                                },
+                                "required": ["type", "text", "logprobs"],
+                            },
+                        },
+                    },
+                    "required": ["id", "type"],
+                },
+            },
+            "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+            "usage": {"type": ["object", "null"]},
+            "error": {"type": ["object", "null"]},
+        },
+        "required": ["id", "object", "created_at", "status", "model", "output"],
+    },
+    "ResponseStreamEvent": {
+        "type": "object",
+        "properties": {
+            "type": {"type": "string", "minLength": 1},
+            "sequence_number": {"type": "integer", "minimum": 0},
+        },
+        "required": ["type", "sequence_number"],
+        "description": "`response.created`, `response.in_progress`, output item, content "
+        "part, `response.output_text.delta` (with its tokens' `logprobs`) and "
+        "function-call events, then `response.completed` (or `.incomplete`, `.failed`); "
+        "`error` when a started stream fails.",
+    },
+    "ResponseDeleted": _object(
+        {
+            "id": {"type": "string"},
+            "object": {"const": "response.deleted"},
+            "deleted": {"const": True},
+        },
+        ["id", "object", "deleted"],
+    ),
+    "ResponseInputItemList": _object(
+        {
+            "object": {"const": "list"},
+            "data": {
+                "type": "array",
+                "maxItems": MAX_ITEMS_LIMIT,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string", "minLength": 1},
+                        "type": {"enum": ["message", "function_call", "function_call_output"]},
+                        "status": {"const": "completed"},
+                    },
+                    "required": ["id", "type", "status"],
+                },
+            },
+            "first_id": {"type": ["string", "null"]},
+            "last_id": {"type": ["string", "null"]},
+            "has_more": {"type": "boolean"},
+        },
+        ["object", "data", "first_id", "last_id", "has_more"],
+        description="The response's own input items (not those of the responses it "
+        "continues), messages with their text as one `input_text` (`output_text` for the "
+        "assistant) part.",
+    ),
 }
 
 # --- responses ---------------------------------------------------------------
@@ -1031,6 +1476,77 @@ def _sse_event_schema(chunk: str) -> Schema:
         ]
     }
     return {"type": "object", "properties": {"data": data}, "required": ["data"]}
+
+
+_RESPONSE_ID = {
+    "name": "response_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+}
+
+
+def _response_errors(
+    more: dict[int, tuple[str, list[str]]] | None = None,
+) -> dict[str, Any]:
+    """What the routes of one stored response answer besides 200."""
+    return _errors(
+        {
+            404: ("no such response (or another key's)", ["not_found"]),
+            503: ("the session store cannot be reached", ["session_store_unavailable"]),
+            **(more or {}),
+        },
+        openai=True,
+    )
+
+
+def _sse_response_event() -> Schema:
+    """One event of a streamed response: its ``event:`` type and its JSON ``data``."""
+    payload = {"anyOf": [_ref("ResponseStreamEvent"), _ref("OpenAIError")]}
+    data = {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}
+    return {
+        "type": "object",
+        "properties": {"event": {"type": "string"}, "data": data},
+        "required": ["data"],
+    }
+
+
+def _responses_websocket_operation(auth: bool) -> dict[str, Any]:
+    """GET /v1/responses upgraded: the Responses API's WebSocket mode."""
+    handshake = [
+        ("Upgrade", {"const": "websocket"}),
+        ("Connection", {"const": "Upgrade"}),
+        ("Sec-WebSocket-Version", {"const": "13"}),
+        ("Sec-WebSocket-Key", {"type": "string", "pattern": "^[A-Za-z0-9+/]{21}[AQgw]==$"}),
+    ]
+    return _operation(
+        "OpenAI Responses API, WebSocket mode (GET that upgrades)",
+        "openai",
+        {
+            "101": {
+                "description": "Upgraded. The client sends `response.create` frames (a "
+                "ResponseCreateRequest with `type` and an optional `stream_id`; `stream` "
+                "implied, no `background`) and gets the same events as the SSE stream, "
+                "each with its request's `stream_id`; a request that cannot start gets an "
+                "`error` event and the socket goes on. Closing the socket cancels its "
+                "running responses.",
+                "headers": _headers(),
+            },
+            **_errors(
+                {
+                    400: ("not a valid WebSocket upgrade", ["invalid_upgrade"]),
+                    403: ("an Origin not in --cors-origin", ["origin_not_allowed"]),
+                },
+                openai=True,
+            ),
+        },
+        secured=auth,
+        openai=True,
+        parameters=[
+            {"name": name, "in": "header", "required": True, "schema": schema}
+            for name, schema in handshake
+        ],
+    )
 
 
 def _paths(auth: bool, metrics_auth: bool, model: str) -> dict[str, Any]:
@@ -1228,6 +1744,135 @@ def _paths(auth: bool, metrics_auth: bool, model: str) -> dict[str, Any]:
                         "schema": {"type": "string"},
                         "example": model,
                     }
+                ],
+            )
+        },
+        "/v1/responses": {
+            "post": _operation(
+                "OpenAI Responses API: create a response",
+                "openai",
+                {
+                    "200": {
+                        "description": "The response (`queued` with `background`); with "
+                        "`stream: true`, server-sent events (`event:` its type, `data:` "
+                        "the event); `: keep-alive` comments while waiting",
+                        "headers": _headers(),
+                        "content": {
+                            "application/json": {"schema": _ref("Response")},
+                            "text/event-stream": {"schema": _sse_response_event()},
+                        },
+                    },
+                    **_errors(
+                        {
+                            **_generation_errors(openai=True),
+                            400: (
+                                "the body, a parameter or the prompt's length is wrong, or "
+                                "no such previous response",
+                                [
+                                    *BAD_BODY,
+                                    "unsupported_parameter",
+                                    "previous_response_not_found",
+                                ],
+                            ),
+                            503: (
+                                "retry later: see Retry-After where given",
+                                [*BUSY, "interrupted", "session_store_unavailable"],
+                            ),
+                        },
+                        openai=True,
+                    ),
+                },
+                secured=auth,
+                openai=True,
+                description="Stored (`store`, the default) in the session store, so any "
+                "instance on the same Redis retrieves and continues it. A client that "
+                "disconnects cancels it (not a `background` one).",
+                request_body=_json_body(
+                    "ResponseCreateRequest",
+                    whole={"model": model, "input": "Say hi.", "max_output_tokens": 16},
+                    streamed={
+                        "model": model,
+                        "input": [{"role": "user", "content": "Say hi."}],
+                        "instructions": "Be brief.",
+                        "max_output_tokens": 16,
+                        "stream": True,
+                        "include": list(INCLUDABLE),
+                        "top_logprobs": 2,
+                    },
+                ),
+            ),
+            "get": _responses_websocket_operation(auth),
+        },
+        "/v1/responses/{response_id}": {
+            "get": _operation(
+                "OpenAI Responses API: a stored response (`in_progress` while it runs here)",
+                "openai",
+                {"200": _json(_ref("Response"), "The response"), **_response_errors()},
+                secured=auth,
+                openai=True,
+                parameters=[_RESPONSE_ID],
+            ),
+            "delete": _operation(
+                "OpenAI Responses API: delete a stored response",
+                "openai",
+                {"200": _json(_ref("ResponseDeleted"), "Deleted"), **_response_errors()},
+                secured=auth,
+                openai=True,
+                parameters=[_RESPONSE_ID],
+            ),
+        },
+        "/v1/responses/{response_id}/cancel": {
+            "post": _operation(
+                "OpenAI Responses API: stop a response generating (a finished one is "
+                "answered as it is)",
+                "openai",
+                {
+                    "200": _json(_ref("Response"), "The response as it ended"),
+                    **_response_errors(
+                        {409: ("running on another instance", ["response_not_cancellable"])}
+                    ),
+                },
+                secured=auth,
+                openai=True,
+                parameters=[_RESPONSE_ID],
+            )
+        },
+        "/v1/responses/{response_id}/input_items": {
+            "get": _operation(
+                "OpenAI Responses API: the input items a response was created with",
+                "openai",
+                {
+                    "200": _json(_ref("ResponseInputItemList"), "A page of them"),
+                    **_response_errors(
+                        {
+                            400: (
+                                "a bad limit, order or include, or an `after` that names "
+                                "no item of the response",
+                                ["invalid_parameter", "unsupported_parameter"],
+                            )
+                        }
+                    ),
+                },
+                secured=auth,
+                openai=True,
+                description="Newest first unless `order=asc`; `after` is an item id from "
+                "an earlier page. Other query parameters are ignored.",
+                parameters=[
+                    _RESPONSE_ID,
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ITEMS_LIMIT},
+                    },
+                    {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}},
+                    {"name": "after", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "include",
+                        "in": "query",
+                        "description": "Also read as `include[]`, as the `openai` client "
+                        "sends it; nothing more is listed either way.",
+                        "schema": {"type": "array", "items": {"enum": list(INCLUDABLE)}},
+                    },
                 ],
             )
         },

@@ -23,6 +23,22 @@ session's channel, and a socket follows the channel of its session (from
 ``live`` frames. A ``resume`` frame replays a reply from an offset and follows
 it to its end. With ``--ws-resume-grace`` a reply outlives its closed socket
 that long, and to its end once someone resumes it.
+
+Tools. A reply's tool calls are pending once stored (``ChatService``): the
+socket keeps them with the results received so far (``_Calls``); the
+results that answer the last one (a ``tool_results`` frame answers all at
+once) queue the continuation like a chat message. The
+calls belong to the session, not the socket: a result for a call this socket
+does not know is looked up in the session's history (the stored assistant
+message holds the calls and their tools), so a client that reconnected (on
+any server) answers them there; its continuation then has the server's
+default params. A result for a call that is not pending (unknown, answered,
+or abandoned: the session went on) is ``unknown_tool_call``, a
+``tool_results`` frame that leaves one out ``missing_tool_results``; either
+refusal takes none of the frame's results. A new chat
+message in the session abandons pending calls: they stay in the history
+unanswered. A continuation that fails, or is cancelled before it starts,
+stores nothing: its calls are pending again and take their results again.
 """
 
 from __future__ import annotations
@@ -32,7 +48,7 @@ import logging
 import secrets
 from collections import deque
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -45,7 +61,14 @@ from chatserver.api.auth import (
     principal,
     websocket_protocols,
 )
-from chatserver.api.chat.serving import ChatService, session_not_found
+from chatserver.api.chat.serving import (
+    ChatService,
+    PendingCalls,
+    ToolAnswers,
+    Turn,
+    pending_calls,
+    session_not_found,
+)
 from chatserver.api.errors import to_api_error
 from chatserver.api.origins import check_websocket_origin
 from chatserver.api.ratelimit import ClientLimits, client_limits
@@ -55,12 +78,15 @@ from chatserver.config import Settings
 from chatserver.errors import ApiError, retry_after_seconds
 from chatserver.limits import FrameThrottle
 from chatserver.metrics import Metrics
+from chatserver.models.tools import ToolCall
+from chatserver.protocol.sampling import RequestParams
 from chatserver.protocol.ws import (
     AuthFrame,
     CancelFrame,
     ChatFrame,
     FrameError,
     ResumeFrame,
+    ToolResultFrame,
     done_frame,
     encode,
     error_frame,
@@ -68,10 +94,13 @@ from chatserver.protocol.ws import (
     parse_client_frame,
     session_frame,
     token_frame,
+    tool_calls_frame,
+    tool_results_frame,
     user_frame,
 )
 from chatserver.sessions.live import (
     REPLY_FRAMES,
+    START_FRAMES,
     LiveChannel,
     LiveUnavailable,
     ReplyInfo,
@@ -102,6 +131,7 @@ class _Job:
 
     id: str
     frame: ChatFrame
+    answers: ToolAnswers | None = None  # a continuation: the results it answers
     cancelled: bool = False
     client_gone: bool = False  # cancelled because the socket closed
     stream: GenerationStream | None = None  # once generation started
@@ -117,6 +147,16 @@ class _Job:
             # Not started (waiting for its session's previous turn, a slot, its
             # prompt): stop waiting; there is nothing to store.
             self.task.cancel()
+
+
+@dataclass(slots=True)
+class _Calls:
+    """One reply's tool calls waiting for their results, and those received so far."""
+
+    session_id: str
+    pending: PendingCalls
+    params: RequestParams  # the continuation's: the chat's, without a forced call's grammar
+    results: dict[str, str] = field(default_factory=dict)
 
 
 class ChatSocket:
@@ -156,6 +196,7 @@ class ChatSocket:
         # socket resumed: id -> its start position, so it is not forwarded twice.
         self._resumes: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self._adopted: dict[str, str] = {}
+        self._calls: _Calls | None = None  # tool calls waiting for results
 
     async def run(self, resume: str | None) -> None:
         answers = asyncio.create_task(self._answer_loop())
@@ -238,7 +279,7 @@ class ChatSocket:
                     if entry.origin == self.origin or frame.get("type") not in REPLY_FRAMES:
                         continue
                     if reply_id in self._adopted:  # this socket resumed it: sent plain
-                        if frame["type"] != "user" or pos_key(entry.pos) <= pos_key(
+                        if frame["type"] not in START_FRAMES or pos_key(entry.pos) <= pos_key(
                             self._adopted[reply_id]
                         ):
                             continue
@@ -336,8 +377,87 @@ class ChatSocket:
             await self._cancel(frame.id)
         elif isinstance(frame, ResumeFrame):
             await self._on_resume(frame)
+        elif isinstance(frame, ToolResultFrame):
+            await self._on_tool_result(frame)
         else:
             await self._enqueue(frame)
+
+    async def _on_tool_result(self, frame: ToolResultFrame) -> None:
+        """Keep calls' results; the ones that complete a reply's queue its continuation."""
+        refused = self._refused_results(frame)
+        if refused is not None:
+            await self._send(error_frame("unknown_tool_call", refused, frame.id))
+            return
+        calls = self._calls
+        first = frame.call_ids[0]
+        if (
+            calls is None
+            or first not in calls.pending.call_ids
+            or frame.session_id not in (None, calls.session_id)
+        ):
+            calls = await self._stored_calls(frame)
+            if calls is None:
+                return
+        ids = calls.pending.call_ids
+        for call_id in frame.call_ids:
+            if call_id not in ids:
+                message = f"tool call {call_id!r} is not one of the reply's calls {list(ids)}"
+                await self._send(error_frame("unknown_tool_call", message, frame.id))
+                return
+            if call_id in calls.results:
+                message = f"tool call {call_id!r} already has a result"
+                await self._send(error_frame("unknown_tool_call", message, frame.id))
+                return
+        missing = [i for i in ids if i not in calls.results and i not in frame.call_ids]
+        if frame.whole and missing:
+            message = f"'results' leaves tool calls {missing} unanswered: answer every call"
+            await self._send(error_frame("missing_tool_results", message, frame.id))
+            return
+        calls.results.update(frame.results)
+        if missing:
+            return
+        answers = ToolAnswers(ids, tuple(calls.results[i] for i in ids))
+        chat = ChatFrame("", frame.id, calls.session_id, calls.params, calls.pending.tools)
+        if await self._enqueue(chat, answers):
+            self._calls = None
+        else:  # refused (queue full, duplicate id): they may be sent again
+            for call_id in frame.call_ids:
+                del calls.results[call_id]
+
+    def _refused_results(self, frame: ToolResultFrame) -> str | None:
+        """Why results are refused at once: a queued or running continuation answers one."""
+        jobs = [*self._pending, *([self._running] if self._running else [])]
+        for call_id in frame.call_ids:
+            if any(j.answers is not None and call_id in j.answers.call_ids for j in jobs):
+                return f"tool call {call_id!r} is already answered (its continuation is queued)"
+        return None
+
+    async def _stored_calls(self, frame: ToolResultFrame) -> _Calls | None:
+        """The session's pending calls from its history (another socket's, or before a
+        reconnect); None, after an error frame, when the call is not one of them."""
+        session_id = frame.session_id or self.session_id
+        call_id = frame.call_ids[0]
+        history = None
+        if session_id is not None:
+            try:
+                history = await self.chat.sessions.messages(session_id, owner=self.caller.owner)
+            except Exception as exc:
+                await self._send_error(exc, frame.id)
+                return None
+            if history is None:
+                await self._send_error(session_not_found(session_id), frame.id)
+                return None
+        pending = pending_calls(history or [])
+        if session_id is None or pending is None or call_id not in pending.call_ids:
+            where = "no session" if session_id is None else f"session {session_id!r}"
+            message = (
+                f"no tool call {call_id!r} is waiting for a result in {where} (unknown, "
+                "answered, or abandoned by a later message)"
+            )
+            await self._send(error_frame("unknown_tool_call", message, frame.id))
+            return None
+        self._calls = _Calls(session_id, pending, RequestParams())
+        return self._calls
 
     def _in_flight(self, message_id: str) -> bool:
         if self._running is not None and self._running.id == message_id:
@@ -351,13 +471,14 @@ class ChatSocket:
             if not self._in_flight(message_id):
                 return message_id
 
-    async def _enqueue(self, frame: ChatFrame) -> None:
+    async def _enqueue(self, frame: ChatFrame, answers: ToolAnswers | None = None) -> bool:
+        """Queue a message (or a continuation); False, after an error frame, if refused."""
         message_id = frame.id or self._new_id()
         if frame.id is not None and self._in_flight(frame.id):
             await self._send(
                 error_frame("duplicate_id", f"message {frame.id!r} is already queued", frame.id)
             )
-            return
+            return False
         in_flight = len(self._pending) + (self._running is not None)
         if in_flight > self.settings.ws_queue:
             await self._send(
@@ -367,9 +488,10 @@ class ChatSocket:
                     message_id,
                 )
             )
-            return
-        self._pending.append(_Job(message_id, frame))
+            return False
+        self._pending.append(_Job(message_id, frame, answers))
         self._wakeup.set()
+        return True
 
     async def _cancel(self, message_id: str | None) -> None:
         running = self._running
@@ -422,10 +544,11 @@ class ChatSocket:
             # The turn is ChatService's: leaving the block early cancels it.
             async with self.chat.turn(
                 frame.session_id or self.session_id,
-                frame.content,
+                frame.content if job.answers is None else job.answers,
                 frame.params,
                 owner=self.caller.owner,
                 limits=self.limits,
+                tools=frame.tools,
             ) as turn:
                 stream = job.stream = turn.stream
                 if job.cancelled:
@@ -434,15 +557,12 @@ class ChatSocket:
                     await self._attach(turn.session_id)
                 if self.live is not None:
                     job.publisher = ReplyPublisher(self.live, turn.session_id, self.origin)
-                    job.publisher.send(user_frame(job.id, frame.content))
+                    job.publisher.send(self._start_frame(job))
                 offset = 0
                 async for delta in stream:
-                    if delta:
-                        token = token_frame(job.id, delta, offset)
-                        offset += len(delta)
-                        await self._send(token)
-                        if job.publisher is not None:
-                            job.publisher.send(token)
+                    # With tools, text that may be a call is held back: calls are never text.
+                    offset = await self._tokens(job, turn.split(delta), offset)
+                await self._tokens(job, turn.split_end(), offset)
         except Exception as exc:
             if (
                 isinstance(exc, ApiError)
@@ -456,20 +576,58 @@ class ChatSocket:
                 job.publisher.send(sent)
             return
         else:
-            done = done_frame(
-                job.id,
-                stream.finish_reason,
-                stream.prompt_tokens,
-                stream.completion_tokens,
-                turn.stored,
-                cached_tokens=stream.cached_tokens,
+            self._track_calls(job, turn)  # before the client hears of them
+            frames = [tool_calls_frame(job.id, turn.calls)] if turn.calls else []
+            frames.append(
+                done_frame(
+                    job.id,
+                    turn.finish_reason,
+                    stream.prompt_tokens,
+                    stream.completion_tokens,
+                    turn.stored,
+                    cached_tokens=stream.cached_tokens,
+                )
             )
-            await self._send(done)
-            if job.publisher is not None:
-                job.publisher.send(done)
+            for sent in frames:
+                await self._send(sent)
+                if job.publisher is not None:
+                    job.publisher.send(sent)
         finally:
             if job.publisher is not None:  # cut off (cancelled task): end it for followers
                 job.publisher.finish(done_frame(job.id, "cancelled", 0, 0))
+
+    def _start_frame(self, job: _Job) -> dict[str, Any]:
+        """What a reply answers, as other sockets on the session see it start."""
+        if job.answers is None:
+            return user_frame(job.id, job.frame.content)
+        results = [
+            {"tool_call_id": m["tool_call_id"], "content": m["content"]}
+            for m in job.answers.messages()
+        ]
+        return tool_results_frame(job.id, results)
+
+    async def _tokens(self, job: _Job, parts: list[str | ToolCall], offset: int) -> int:
+        """Send a reply's text parts as token frames (calls go in its tool_calls frame)."""
+        for part in parts:
+            if isinstance(part, str) and part:
+                token = token_frame(job.id, part, offset)
+                offset += len(part)
+                await self._send(token)
+                if job.publisher is not None:
+                    job.publisher.send(token)
+        return offset
+
+    def _track_calls(self, job: _Job, turn: Turn) -> None:
+        """A stored message abandons the session's pending calls; a stored reply's calls
+        are pending until every one has its result."""
+        if not turn.stored:
+            return
+        if self._calls is not None and self._calls.session_id == turn.session_id:
+            self._calls = None
+        pending = turn.pending()
+        if pending is not None:
+            params = replace(job.frame.params, grammar=None)
+            self._calls = _Calls(turn.session_id, pending, params)
 
     async def _close(self, answers: asyncio.Task[None]) -> None:
         """Drop queued messages, cancel the running one, let the answer loop end."""

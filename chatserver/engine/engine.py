@@ -17,6 +17,8 @@ Public API used by the API layer:
         # = ticket = engine.admit()  (ServerBusy before any work when full)
         #   prompt = await engine.chat_prompt(messages, max_tokens, truncate)
         #   engine.generate(prompt, request_params, ticket)
+    streams = await engine.submit_many(messages, [params, ...], truncate=False)
+        # several generations of one prompt, admitted all or none, on one worker
     async with stream:              # leaving the block early cancels the sequence
         async for delta in stream:  # str text deltas
             ...
@@ -81,6 +83,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _END = object()
+
+# Steps of at most this many tokens are detokenized on the event loop: tens of
+# microseconds, less than the two thread hand-offs of the detokenize lane,
+# each of which wakes a thread on cores the workers' GEMMs are using (at one
+# stream, a token's whole server-side path). Larger batches go to the lane.
+INLINE_DECODE_TOKENS = 16
 
 
 def _device_memory(device: str) -> int:
@@ -420,7 +428,11 @@ class InferenceEngine:
             from chatserver.workers import ray_worker
 
             ray = ray_worker.configure(
-                s.ray_address, s.ray_workers, s.ray_cpus_per_worker, s.ray_gpus_per_worker
+                s.ray_address,
+                s.ray_workers,
+                s.ray_cpus_per_worker,
+                s.ray_gpus_per_worker,
+                s.ray_share,
             )
             device, devices, threads = ray.device, [ray.device] * ray.workers, ray.threads
         # "auto" until a worker reports what its quality gate chose.
@@ -466,9 +478,20 @@ class InferenceEngine:
     # --- requests ------------------------------------------------------------
     def admit(self) -> Ticket:
         """A place in the engine for one request, or ServerBusy; taken before any work."""
+        return self.admit_many(1)[0]
+
+    def admit_many(self, count: int) -> list[Ticket]:
+        """Places for ``count`` generations of one request, all or none (ServerBusy)."""
         if not self.pool.ready_ids or self._stopping:
             raise self._unavailable()
-        return self._admission.admit(self.running_slots)
+        return self._admission.admit_many(self.running_slots, count)
+
+    @property
+    def capacity(self) -> int:
+        """The most generations admitted at once with every worker serving (0: not started)."""
+        if not self.pool.hosts:
+            return 0
+        return len(self.pool.hosts) * self.max_running + self._admission.max_queue
 
     def _unavailable(self) -> Exception:
         """Why no worker takes a request: still loading (NotReady), or restarting."""
@@ -490,12 +513,26 @@ class InferenceEngine:
         Raises ServerBusy before the prompt is rendered or tokenized, NotReady,
         or the prompt's own errors (context too long, bad messages).
         """
-        ticket = self.admit()
+        (stream,) = await self.submit_many(messages, [req], truncate, tools)
+        return stream
+
+    async def submit_many(
+        self,
+        messages: list[dict[str, Any]],
+        reqs: Sequence[RequestParams],
+        truncate: bool,
+        tools: Sequence[Tool] = (),
+    ) -> list[GenerationStream]:
+        """submit() for several generations of one prompt (an OpenAI request's ``n``
+        choices): admitted all or none, the prompt built once, see generate_many.
+        ``max_tokens`` is the first request's (the prompt's room for a reply)."""
+        tickets = self.admit_many(len(reqs))
         try:
-            prompt = await self.chat_prompt(messages, req.max_tokens, truncate, tools)
-            return self.generate(prompt, req, ticket)
+            prompt = await self.chat_prompt(messages, reqs[0].max_tokens, truncate, tools)
+            return self.generate_many(prompt, reqs, tickets)
         except BaseException:
-            ticket.release()
+            for ticket in tickets:
+                ticket.release()
             raise
 
     async def chat_prompt(
@@ -563,12 +600,29 @@ class InferenceEngine:
     def generate(
         self, prompt: Prompt, req: RequestParams, ticket: Ticket | None = None
     ) -> GenerationStream:
-        """Hand a prompt to a ready worker, see _place (``ticket``: from admit())."""
+        """Hand a prompt to a ready worker, see pool.place (``ticket``: from admit())."""
+        if not self.pool.serving():
+            raise self._unavailable()
+        return self.generate_many(prompt, [req], [ticket or self.admit()])[0]
+
+    def generate_many(
+        self, prompt: Prompt, reqs: Sequence[RequestParams], tickets: Sequence[Ticket]
+    ) -> list[GenerationStream]:
+        """One sequence per request (and ticket, from admit_many()), all on the same
+        worker: sent together, its scheduler prefills their shared prompt once
+        (scheduler._prefix_in_flight) where several workers would each compute it."""
         serving = self.pool.serving()
         if not serving:
             raise self._unavailable()
-        if ticket is None:
-            ticket = self.admit()
+        worker_id, hashes = self.pool.place(prompt.ids, serving)
+        return [
+            self._start(prompt, req, ticket, worker_id, hashes)
+            for req, ticket in zip(reqs, tickets, strict=True)
+        ]
+
+    def _start(
+        self, prompt: Prompt, req: RequestParams, ticket: Ticket, worker_id: int, hashes: list[int]
+    ) -> GenerationStream:
         seq_id = next(self._seq_ids)
         stream = GenerationStream(
             seq_id,
@@ -584,8 +638,7 @@ class InferenceEngine:
             # Time in the queue counts: the deadline runs from admission.
             when = self._loop.time() + timeout - (time.monotonic() - ticket.admitted_at)
             stream.deadline = self._loop.call_at(when, self._expire, stream)
-        worker_id, stream.prompt_hashes = self.pool.place(stream.prompt_ids, serving)
-        stream.worker_id = worker_id
+        stream.worker_id, stream.prompt_hashes = worker_id, hashes
         self._streams[seq_id] = stream
         self.metrics.prompt_tokens.inc(stream.prompt_tokens)
         if req.logprobs is not None:
@@ -687,17 +740,21 @@ class InferenceEngine:
                 self._finish(stream, "worker_failed")
 
     async def _pump(self, worker_id: int) -> None:
-        """Detokenize one worker's steps in order, in the detokenize lane, and deliver them."""
+        """Detokenize one worker's steps in order and deliver them: a few tokens on
+        the loop, more in the detokenize lane (see INLINE_DECODE_TOKENS)."""
         queue = self._outputs[worker_id]
         loop = asyncio.get_running_loop()
         while True:
             batch = [await queue.get()]
             while not queue.empty():
                 batch.append(queue.get_nowait())
-            try:
-                events = await loop.run_in_executor(self._detokenize, self._decode_steps, batch)
-            except RuntimeError:  # executor shut down
-                return
+            if sum(len(out.tokens) for out in batch) <= INLINE_DECODE_TOKENS:
+                events = self._decode_steps(batch)
+            else:
+                try:
+                    events = await loop.run_in_executor(self._detokenize, self._decode_steps, batch)
+                except RuntimeError:  # executor shut down
+                    return
             self._deliver(events)
 
     def _decode_steps(self, batch: list[StepOutput]) -> list[tuple]:

@@ -69,11 +69,17 @@ class AdmissionQueue:
 
     def admit(self, running_slots: int) -> Ticket:
         """A place for one more request, or ServerBusy."""
+        return self.admit_many(running_slots, 1)[0]
+
+    def admit_many(self, running_slots: int, count: int) -> list[Ticket]:
+        """Places for ``count`` generations of one request, all or none (ServerBusy):
+        a request's ``n`` choices never start partly."""
         capacity = max(0, running_slots) + self.max_queue
-        if self.admitted >= capacity:
+        if self.admitted + count > capacity:
             raise ServerBusy(self.admitted, capacity, self.retry_after(running_slots))
-        self.admitted += 1
-        return Ticket(self, self._clock())
+        self.admitted += count
+        now = self._clock()
+        return [Ticket(self, now) for _ in range(count)]
 
     def waiting(self, running_slots: int) -> int:
         """Admitted requests beyond the running slots: those waiting for a slot."""

@@ -7,7 +7,13 @@ writes what they return.
 Client -> server (JSON text frames)::
 
     {"type": "chat", "content": str, "session_id"?: str, "id"?: str,
-     "params"?: {"max_tokens", "temperature", "top_p", "top_k", "stop", "seed"}}
+     "params"?: {"max_tokens", "temperature", "top_p", "top_k", "stop", "seed"},
+     "tools"?: [OpenAI function tools], "tool_choice"?: "none"|"auto"|"required"|
+     {"type": "function", "function": {"name": str}}, "parallel_tool_calls"?: bool}
+    {"type": "tool_results", "results": [{"tool_call_id": str, "content": str}],
+     "id"?: str, "session_id"?: str}
+    {"type": "tool_result", "tool_call_id": str, "content": str, "id"?: str,
+     "session_id"?: str}
     {"type": "cancel", "id"?: str}
     {"type": "resume", "id": str, "offset"?: int, "session_id"?: str}
     {"type": "auth", "id"?: str, "api_key": str}   (only on a server with API keys)
@@ -16,13 +22,41 @@ Server -> client::
 
     {"type": "session", "session_id": str}
     {"type": "token", "id": str, "content": str, "offset": int}
-    {"type": "done", "id": str, "finish_reason": "stop"|"length"|"cancelled"|"interrupted",
+    {"type": "tool_calls", "id": str, "calls": [{"id": str, "name": str, "arguments": str}]}
+    {"type": "done", "id": str,
+     "finish_reason": "stop"|"length"|"tool_calls"|"cancelled"|"interrupted",
      "usage": {"prompt_tokens": int, "completion_tokens": int}, "stored"?: bool}
     {"type": "error", "id"?: str, "code": str, "message": str, "retry_after"?: int,
      "request_id"?: str}
 
 ``retry_after`` (whole seconds) comes with codes a client should retry later:
 ``server_busy`` and ``rate_limited``.
+
+Tools. A chat frame's ``tools``, ``tool_choice`` and ``parallel_tool_calls``
+are OpenAI's, checked by the same rules (models/tools.py); a bad one is an
+``invalid_field`` error frame whose message starts with the field's path
+(``tools[0].function.name: ...``). "required" or a named function holds the
+reply to a grammar: it is calls, each one's ``arguments`` valid for the tool's
+schema. A reply that calls tools sends its text (if any) as token frames and
+no text for the calls: a ``tool_calls`` frame (``arguments`` is JSON text),
+then ``done`` with ``finish_reason: "tool_calls"``. An exchange::
+
+    > {"type": "chat", "id": "q1", "content": "Weather in Paris?", "tools": [...]}
+    < {"type": "tool_calls", "id": "q1", "calls": [{"id": "call_ab..", "name":
+       "get_weather", "arguments": "{\"city\": \"Paris\"}"}]}
+    < {"type": "done", "id": "q1", "finish_reason": "tool_calls", ...}
+    > {"type": "tool_results", "id": "q2", "results": [{"tool_call_id":
+       "call_ab..", "content": "18 C, sunny"}]}
+    < {"type": "token", "id": "q2", ...} ... {"type": "done", "id": "q2", ...}
+
+``tool_results`` answers every call of the reply at once (one missing is
+``missing_tool_results``); ``tool_result`` answers one, and the one that
+answers the last call starts the continuation. The continuation is a new
+reply (id: the frame's ``id``, or one the server assigns) on the history with
+the calls and their results, listing the same tools with ``tool_choice``
+"auto". A result for a call that is not pending (unknown, answered, or
+abandoned: the session went on with a chat message) is ``unknown_tool_call``.
+The rest of the rules are chatserver.api.ws's.
 
 Live delivery and resume (``chatserver.sessions.live``). A token frame's
 ``offset`` is where its ``content`` starts in the reply, in Unicode code
@@ -34,7 +68,9 @@ Redis, each frame wrapped::
     {"type": "live", "session_id": str, "frame": F}
 
 where F is ``{"type": "user", "id": str, "content": str}`` (the message that
-started the reply), then the token, done or error frames its own client got.
+started the reply) or, for a continuation, ``{"type": "tool_results", "id": str,
+"results": [{"tool_call_id": str, "content": str}]}``, then the token,
+tool_calls, done or error frames its own client got.
 ``resume`` asks for reply ``id`` of the socket's session (or ``session_id``)
 from character ``offset`` on (default 0), finished or still running, while
 the session's channel retains it (``--live-ttl`` s after its last frame):
@@ -49,10 +85,11 @@ of an id is the one resumed.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from chatserver.errors import ApiError
+from chatserver.models.tools import ToolCall, ToolUse, call_grammar, parse_tool_use
 from chatserver.protocol.json_input import JsonInputError, loads_strict
 from chatserver.protocol.sampling import PARAM_NAMES, RequestParams, parse_request_params
 
@@ -66,7 +103,26 @@ class ChatFrame:
     content: str
     id: str | None = None
     session_id: str | None = None
-    params: RequestParams = RequestParams()
+    params: RequestParams = RequestParams()  # with the grammar of a forced tool_choice
+    tools: ToolUse = ToolUse()
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResultFrame:
+    """Results of a reply's pending tool calls; ``id`` names the continuation they may start.
+
+    ``tool_results`` carries every call still unanswered (``whole``: missing ones
+    are refused); ``tool_result`` one of them, the last one starting the continuation.
+    """
+
+    results: tuple[tuple[str, str], ...]  # (tool_call_id, content), distinct ids
+    id: str | None = None
+    session_id: str | None = None
+    whole: bool = False
+
+    @property
+    def call_ids(self) -> tuple[str, ...]:
+        return tuple(call_id for call_id, _ in self.results)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,10 +152,12 @@ class AuthFrame:
         return f"AuthFrame(id={self.id!r})"
 
 
-ClientFrame = ChatFrame | CancelFrame | ResumeFrame | AuthFrame
+ClientFrame = ChatFrame | CancelFrame | ResumeFrame | AuthFrame | ToolResultFrame
 
 # The largest resume offset accepted (no reply is anywhere near this long).
 MAX_OFFSET = 1 << 30
+# The most results a tool_results frame carries (as many as a request has tools).
+MAX_RESULTS = 128
 
 
 class FrameError(Exception):
@@ -113,7 +171,11 @@ class FrameError(Exception):
 
     @classmethod
     def from_api_error(cls, err: ApiError, frame_id: str | None = None) -> FrameError:
-        return cls(err.code, err.message, frame_id)
+        """The error of a shared check; its message starts with the field it names."""
+        message = err.message
+        if err.param is not None and not message.startswith(f"'{err.param}'"):
+            message = f"{err.param}: {message}"
+        return cls(err.code, message, frame_id)
 
     def frame(self) -> dict[str, Any]:
         return error_frame(self.code, self.message, self.frame_id)
@@ -133,7 +195,7 @@ def _optional_str(obj: dict[str, Any], name: str, frame_id: str | None) -> str |
 
 
 def parse_client_frame(text: str, max_bytes: int, *, auth: bool = False) -> ClientFrame:
-    """One text frame as a ChatFrame, CancelFrame, ResumeFrame or AuthFrame, or FrameError.
+    """One text frame as a ClientFrame (chat, cancel, resume, tool_result, auth), or FrameError.
 
     ``max_bytes`` is the soft frame limit (settings.max_frame_bytes): larger
     frames are refused with ``frame_too_large`` before any JSON parsing.
@@ -157,6 +219,11 @@ def parse_client_frame(text: str, max_bytes: int, *, auth: bool = False) -> Clie
         return CancelFrame(frame_id)
     if kind == "resume":
         return _resume_frame(obj, frame_id)
+    if kind == "tool_result":
+        result = _tool_result(obj, "", frame_id)
+        return ToolResultFrame((result,), frame_id, _optional_str(obj, "session_id", frame_id))
+    if kind == "tool_results":
+        return _tool_results_frame(obj, frame_id)
     if kind == "auth" and auth:
         api_key = obj.get("api_key")
         if not isinstance(api_key, str) or not api_key:
@@ -166,7 +233,9 @@ def parse_client_frame(text: str, max_bytes: int, *, auth: bool = False) -> Clie
         if not isinstance(kind, str):
             raise FrameError("invalid_field", "'type' must be a string", frame_id)
         expected = (
-            "'chat', 'cancel', 'resume' or 'auth'" if auth else "'chat', 'cancel' or 'resume'"
+            "'chat', 'cancel', 'resume', 'tool_results', 'tool_result' or 'auth'"
+            if auth
+            else "'chat', 'cancel', 'resume', 'tool_results' or 'tool_result'"
         )
         raise FrameError(
             "unknown_type", f"unknown frame type {kind!r}; expected {expected}", frame_id
@@ -188,9 +257,52 @@ def parse_client_frame(text: str, max_bytes: int, *, auth: bool = False) -> Clie
         )
     try:
         params = parse_request_params(raw_params)
+        tools = parse_tool_use(obj)
     except ApiError as err:
         raise FrameError.from_api_error(err, frame_id) from None
-    return ChatFrame(content=content, id=frame_id, session_id=session_id, params=params)
+    grammar = call_grammar(tools.tools, tools.choice, tools.parallel)
+    if grammar is not None:
+        params = replace(params, grammar=grammar)
+    return ChatFrame(content, frame_id, session_id, params, tools)
+
+
+def _tool_result(obj: dict[str, Any], where: str, frame_id: str | None) -> tuple[str, str]:
+    """One result, ``{"tool_call_id", "content"}``; ``where`` prefixes its fields' names."""
+    call_id = _optional_str(obj, "tool_call_id", frame_id)
+    if call_id is None:
+        raise FrameError(
+            "invalid_field", f"'{where}tool_call_id' (the call answered) is required", frame_id
+        )
+    content = obj.get("content")
+    if not isinstance(content, str):
+        raise FrameError(
+            "invalid_field", f"'{where}content' (the tool's result) must be a string", frame_id
+        )
+    return call_id, content
+
+
+def _tool_results_frame(obj: dict[str, Any], frame_id: str | None) -> ToolResultFrame:
+    raw = obj.get("results")
+    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_RESULTS:
+        raise FrameError(
+            "invalid_field",
+            f"'results' must be a list of 1 to {MAX_RESULTS} "
+            "{'tool_call_id': str, 'content': str}",
+            frame_id,
+        )
+    results: list[tuple[str, str]] = []
+    for i, entry in enumerate(raw):
+        where = f"results[{i}]."
+        if not isinstance(entry, dict):
+            raise FrameError("invalid_field", f"'results[{i}]' must be an object", frame_id)
+        result = _tool_result(entry, where, frame_id)
+        if any(result[0] == seen for seen, _ in results):
+            raise FrameError(
+                "invalid_field", f"'results' answers tool call {result[0]!r} twice", frame_id
+            )
+        results.append(result)
+    session_id = _optional_str(obj, "session_id", frame_id)
+    return ToolResultFrame(tuple(results), frame_id, session_id, whole=True)
 
 
 def _resume_frame(obj: dict[str, Any], frame_id: str | None) -> ResumeFrame:
@@ -214,6 +326,20 @@ def token_frame(message_id: str, content: str, offset: int | None = None) -> dic
     if offset is not None:
         frame["offset"] = offset
     return frame
+
+
+def tool_calls_frame(message_id: str, calls: list[ToolCall]) -> dict[str, Any]:
+    """The calls a reply made, in order; ``arguments`` is JSON text, as OpenAI sends it."""
+    return {
+        "type": "tool_calls",
+        "id": message_id,
+        "calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls],
+    }
+
+
+def tool_results_frame(message_id: str, results: list[dict[str, str]]) -> dict[str, Any]:
+    """The results a continuation answers, as other sockets on the session see it start."""
+    return {"type": "tool_results", "id": message_id, "results": results}
 
 
 def user_frame(message_id: str, content: str) -> dict[str, Any]:

@@ -2,7 +2,11 @@
 
 A session is an ordered list of chat messages, ``{"role": "user"|"assistant",
 "content": str}``, that expires ``ttl`` seconds after its last use (every call
-that names a session refreshes it).
+that names a session refreshes it). Tool calling (/ws) adds two shapes: an
+assistant message with ``"tool_calls": [{"id", "name", "arguments"}]`` (and
+the ``"tools"`` and ``"parallel_tool_calls"`` it chose from), and
+``{"role": "tool", "tool_call_id": str, "content": str}`` results; a turn
+that answers calls opens with its tool messages instead of a user message.
 
 History holds finished turns only: ``append_turn`` stores the user message
 and the assistant reply together, atomically, once the reply is complete. A
@@ -72,6 +76,12 @@ def kept_under_cap(count: int, max_messages: int) -> int:
         return count
     keep = max_messages - max_messages // 4
     return max(2, keep - keep % 2)
+
+
+def turn_messages(user: Message | list[Message], assistant: Message) -> list[Message]:
+    """A turn's messages in order, copied: what it answers, then the reply."""
+    opening = [user] if isinstance(user, dict) else user
+    return [dict(m) for m in opening] + [dict(assistant)]
 
 
 def new_session_id() -> str:
@@ -198,9 +208,12 @@ class SessionStore(ABC):
 
     @abstractmethod
     async def append_turn(
-        self, session_id: str, user: Message, assistant: Message, *, owner: str
+        self, session_id: str, user: Message | list[Message], assistant: Message, *, owner: str
     ) -> bool:
-        """Append a finished turn atomically; False if the session is gone (or not ``owner``'s)."""
+        """Append a finished turn atomically; False if the session is gone (or not ``owner``'s).
+
+        ``user``: the user message, or the messages the reply answers (tool results).
+        """
 
     @abstractmethod
     def turn_lock(self, session_id: str, wait: float | None) -> AbstractAsyncContextManager[None]:

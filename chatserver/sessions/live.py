@@ -79,7 +79,9 @@ BLOCK_MS = 1000
 # Most entries the Redis reader takes per read.
 READ_COUNT = 512
 # Frame types that make up a reply; a channel also carries control frames.
-REPLY_FRAMES = frozenset({"user", "token", "done", "error"})
+REPLY_FRAMES = frozenset({"user", "tool_results", "token", "tool_calls", "done", "error"})
+# The frames a reply starts with: its user message, or the tool results it continues from.
+START_FRAMES = frozenset({"user", "tool_results"})
 END_FRAMES = frozenset({"done", "error"})
 
 
@@ -207,7 +209,7 @@ class LiveChannel(ABC):
             if frame.get("id") != reply_id:
                 continue
             kind = frame.get("type")
-            if kind == "user":
+            if kind in START_FRAMES:
                 info = ReplyInfo(entry.pos, 0, False)
             elif info is None or info.finished:
                 continue
@@ -221,7 +223,8 @@ class LiveChannel(ABC):
     async def reply_frames(
         self, session_id: str, reply_id: str, reply: ReplyInfo, offset: int
     ) -> AsyncIterator[Frame]:
-        """Reply ``reply_id``'s frames from character ``offset`` on, ending with done/error.
+        """Reply ``reply_id``'s frames from character ``offset`` on (and its tool_calls
+        frame), ending with done/error.
 
         Token frames are cut so the first one starts exactly at ``offset``;
         each keeps its ``offset`` field. Follows the channel while the reply runs.
@@ -232,7 +235,7 @@ class LiveChannel(ABC):
                 kind = frame.get("type")
                 if frame.get("id") != reply_id:
                     continue
-                if kind == "user":
+                if kind in START_FRAMES:
                     return  # a newer reply under the same id: this one ended unseen
                 if kind == "token":
                     start, text = frame["offset"], frame["content"]
@@ -240,6 +243,8 @@ class LiveChannel(ABC):
                         continue
                     cut = max(0, offset - start)
                     yield dict(frame, content=text[cut:], offset=start + cut)
+                elif kind == "tool_calls":
+                    yield dict(frame)  # after all of the reply's text, before its end
                 elif kind in END_FRAMES:
                     yield dict(frame)  # its client's socket adds its own request id
                     return

@@ -27,6 +27,7 @@ from chatserver.sessions.base import (
     encode_cursor,
     kept_under_cap,
     new_session_id,
+    turn_messages,
     valid_session_id,
 )
 
@@ -103,12 +104,12 @@ class MemorySessionStore(SessionStore):
         return None if session is None else [dict(m) for m in session.messages]
 
     async def append_turn(
-        self, session_id: str, user: Message, assistant: Message, *, owner: str
+        self, session_id: str, user: Message | list[Message], assistant: Message, *, owner: str
     ) -> bool:
         session = self._touch(session_id, owner)
         if session is None:
             return False
-        session.messages.extend((dict(user), dict(assistant)))
+        session.messages.extend(turn_messages(user, assistant))
         keep = kept_under_cap(len(session.messages), self.max_messages)
         del session.messages[: len(session.messages) - keep]
         return True

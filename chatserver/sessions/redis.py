@@ -58,6 +58,7 @@ from chatserver.sessions.base import (
     encode_cursor,
     kept_under_cap,
     new_session_id,
+    turn_messages,
     valid_session_id,
 )
 
@@ -201,12 +202,12 @@ class RedisSessionStore(SessionStore):
         return [json.loads(m) for m in raw] if live else None
 
     async def append_turn(
-        self, session_id: str, user: Message, assistant: Message, *, owner: str
+        self, session_id: str, user: Message | list[Message], assistant: Message, *, owner: str
     ) -> bool:
         if not valid_session_id(session_id):
             return False
         meta, msgs = self._keys(session_id)
-        encoded = [json.dumps(m, ensure_ascii=False) for m in (user, assistant)]
+        encoded = [json.dumps(m, ensure_ascii=False) for m in turn_messages(user, assistant)]
         async with _unavailable_on_error(), self._redis.pipeline(transaction=True) as pipe:
             while True:
                 try:

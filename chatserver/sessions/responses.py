@@ -52,6 +52,8 @@ class StoredResponse:
     response: dict[str, Any]
     # The conversation's chat messages through this response's output.
     history: list[Message] = field(default_factory=list)
+    # This response's own input items, as GET .../input_items lists them (with ids).
+    input_items: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -60,7 +62,8 @@ class StoredResponse:
     def from_json(cls, raw: str) -> StoredResponse | None:
         try:
             data = json.loads(raw)
-            return cls(data["id"], data["owner"], data["response"], data["history"])
+            items = data.get("input_items", [])  # records stored before items were
+            return cls(data["id"], data["owner"], data["response"], data["history"], items)
         except (ValueError, KeyError, TypeError):
             return None
 

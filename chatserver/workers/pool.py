@@ -157,6 +157,9 @@ class WorkerPool:
                 state["state"] = "loading"
             if wid in self.kv_stats:
                 state["kv_cache"] = self.kv_stats[wid]
+            details = getattr(self.hosts[wid], "details", None)  # a shared Ray actor's totals
+            if details is not None:
+                state.update(details())
             states.append(state)
         return states
 

@@ -66,7 +66,12 @@ def int8_kernels(cpu: CpuFeatures, choice: str = "auto") -> Int8Kernels:
             down_wide_dtype=wide,
         )
     return Int8Kernels(
-        "int8-avx2", weight_max=63, scale_rows_above=1, down_int8_max_rows=8, down_wide_dtype=wide
+        "int8-avx2",
+        weight_max=63,
+        scale_rows_above=1,
+        down_int8_max_rows=8,
+        down_wide_dtype=wide,
+        attn_weight_only_max_rows=4,
     )
 
 

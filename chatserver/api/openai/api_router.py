@@ -43,28 +43,29 @@ def is_openai_request(request: web.Request) -> bool:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    """One chat completion, as JSON or as SSE chunks."""
+    """One chat completion (``n`` choices), as JSON or as SSE chunks."""
     return await _serve(request, parse_chat_completion(await read_json_object(request)))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    """One legacy text completion, as JSON or as SSE chunks."""
+    """One legacy text completion (``n`` choices), as JSON or as SSE chunks."""
     return await _serve(request, parse_completion(await read_json_object(request)))
 
 
 async def _serve(request: web.Request, body: AnyCompletionRequest) -> web.StreamResponse:
-    """One completion, as JSON or as SSE chunks; a client that goes away cancels it."""
+    """One completion, as JSON or as SSE chunks; a client that goes away cancels it
+    (all its choices)."""
     serving = request.app[OPENAI]
     # The completion is the serving layer's: leaving the block early (an error, the
-    # client gone) cancels the generation; its tokens are charged either way.
-    async with serving.completion(body, client_limits(request)) as stream:
+    # client gone) cancels its generations; their tokens are charged either way.
+    async with serving.completion(body, client_limits(request)) as streams:
         if not body.stream:
-            return web.json_response(await serving.complete(body, stream))
+            return web.json_response(await serving.complete(body, streams))
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         try:
             try:
-                async with aclosing(serving.chunks(body, stream)) as chunks:
+                async with aclosing(serving.chunks(body, streams)) as chunks:
                     async for chunk in chunks:
                         await response.write(SSE_KEEPALIVE if chunk is None else sse_event(chunk))
             except ConnectionError:
@@ -79,7 +80,8 @@ async def _serve(request: web.Request, body: AnyCompletionRequest) -> web.Stream
             await response.write(SSE_DONE)
             await response.write_eof()
         except ConnectionError:
-            stream.cancel(client_gone=True)  # the client went away
+            for stream in streams:
+                stream.cancel(client_gone=True)  # the client went away
         return response
 
 

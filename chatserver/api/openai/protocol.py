@@ -62,7 +62,6 @@ UNSUPPORTED_CHAT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "store": (_is_false, "stored completions are not supported"),
 }
 UNSUPPORTED_COMPLETION: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "best_of": (lambda v: v == 1 and not isinstance(v, bool), "only best_of=1 is supported"),
     "echo": (_is_false, "'echo' is not supported yet"),
     "suffix": (lambda v: v == "", "'suffix' (insertion) is not supported"),
 }
@@ -78,10 +77,39 @@ def refuse_unsupported(
             raise bad_request("unsupported_parameter", f"'{name}': {why}", name)
 
 
-def _check_n(body: dict[str, Any]) -> None:
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise bad_request("invalid_parameter", "only n=1 is supported", "n")
+MAX_N = 16  # choices a request may ask for: each is a sequence in the batch
+
+
+def _count(body: dict[str, Any], name: str) -> int | None:
+    """An integer 1..MAX_N (2.0 is 2, as JSON Schema reads it), or None when left out."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_N:
+        raise bad_request(
+            "invalid_parameter", f"'{name}' must be an integer between 1 and {MAX_N}", name
+        )
+    return value
+
+
+def parse_n(body: dict[str, Any]) -> int:
+    """``n``: how many choices to generate for the one prompt (null: 1)."""
+    return _count(body, "n") or 1
+
+
+def _check_best_of(body: dict[str, Any], n: int) -> None:
+    """``best_of`` may only restate ``n``: ranking more candidates than are returned
+    (by their logprobs, on the server) is not done."""
+    best_of = _count(body, "best_of")
+    if best_of is not None and best_of != n:
+        raise bad_request(
+            "unsupported_parameter",
+            f"'best_of' must equal 'n' ({n}): generating more candidates than are returned "
+            "is not supported",
+            "best_of",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +121,7 @@ class ChatCompletionRequest:
     params: RequestParams
     stream: bool = False
     include_usage: bool = False
+    n: int = 1
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice = ToolChoice("none")
     parallel_tool_calls: bool = True
@@ -119,6 +148,7 @@ class CompletionRequest:
     params: RequestParams
     stream: bool = False
     include_usage: bool = False
+    n: int = 1
 
 
 AnyCompletionRequest = ChatCompletionRequest | CompletionRequest
@@ -223,7 +253,7 @@ def parse_chat_completion(body: dict[str, Any]) -> ChatCompletionRequest:
     """Check a /v1/chat/completions body; raise ApiError(400) naming the bad field."""
     model = _model(body)
     messages = _messages(body.get("messages"))
-    _check_n(body)
+    n = parse_n(body)
     refuse_unsupported(body, UNSUPPORTED_CHAT)
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     params = parse_request_params(body, max_tokens_key=key)
@@ -242,12 +272,12 @@ def parse_chat_completion(body: dict[str, Any]) -> ChatCompletionRequest:
             )
         params = replace(params, grammar=grammar)
     return ChatCompletionRequest(
-        model, messages, params, stream, include_usage, tools, choice, parallel
+        model, messages, params, stream, include_usage, n, tools, choice, parallel
     )
 
 
 def _prompt(raw: Any) -> str:
-    """One prompt: a string, or a list holding one (several prompts would need n > 1)."""
+    """One prompt: a string, or a list holding one (not several prompts at once)."""
     if isinstance(raw, list) and len(raw) == 1:
         raw = raw[0]
     if not isinstance(raw, str) or not raw:
@@ -264,11 +294,12 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
     """Check a /v1/completions body; raise ApiError(400) naming the bad field."""
     model = _model(body)
     prompt = _prompt(body.get("prompt"))
-    _check_n(body)
+    n = parse_n(body)
+    _check_best_of(body, n)
     refuse_unsupported(body, UNSUPPORTED_COMPLETION)
     params = structured.with_completion_options(parse_request_params(body), body)
     stream, include_usage = _streaming(body)
-    return CompletionRequest(model, prompt, params, stream, include_usage)
+    return CompletionRequest(model, prompt, params, stream, include_usage, n)
 
 
 def completion_id() -> str:
@@ -310,9 +341,26 @@ def _envelope(
     }
 
 
-def _choice(content: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
-    """The one choice: ``text`` (text completions), ``message`` or ``delta`` (chat)."""
-    return {"index": 0, **content, "logprobs": None, "finish_reason": finish_reason}
+def _choice(index: int, content: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+    """A choice: ``text`` (text completions), ``message`` or ``delta`` (chat)."""
+    return {"index": index, **content, "logprobs": None, "finish_reason": finish_reason}
+
+
+def choice(
+    text: bool,
+    index: int,
+    reply: str | None,
+    finish_reason: str,
+    tool_calls: list[ToolCall] | None = None,
+) -> dict[str, Any]:
+    """One choice of a whole completion; ``reply`` is None when the message is only
+    ``tool_calls``."""
+    if text:
+        return _choice(index, {"text": reply}, finish_reason)
+    message: dict[str, Any] = {"role": "assistant", "content": reply}
+    if tool_calls:
+        message["tool_calls"] = [tool_api.tool_call_object(c) for c in tool_calls]
+    return _choice(index, {"message": message}, finish_reason)
 
 
 def completion(
@@ -320,22 +368,12 @@ def completion(
     id: str,
     created: int,
     model: str,
-    reply: str | None,
-    finish_reason: str,
+    choices: list[dict[str, Any]],
     usage: dict[str, Any],
-    tool_calls: list[ToolCall] | None = None,
 ) -> dict[str, Any]:
-    """A whole ``chat.completion``, or a ``text_completion`` when ``text``; ``reply``
-    is None when the message is only ``tool_calls``."""
-    message: dict[str, Any] = {"role": "assistant", "content": reply}
-    if tool_calls:
-        message["tool_calls"] = [tool_api.tool_call_object(c) for c in tool_calls]
-    content = {"text": reply} if text else {"message": message}
+    """A whole ``chat.completion``, or a ``text_completion`` when ``text``."""
     obj = "text_completion" if text else "chat.completion"
-    return {
-        **_envelope(obj, id, created, model, [_choice(content, finish_reason)]),
-        "usage": usage,
-    }
+    return {**_envelope(obj, id, created, model, choices), "usage": usage}
 
 
 def chunk(
@@ -346,12 +384,13 @@ def chunk(
     delta: dict[str, Any] | str,
     finish_reason: str | None = None,
     include_usage: bool = False,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """One streamed chunk with one choice (``delta`` is the text itself for a text
-    completion); ``usage: null`` when usage comes last."""
+    """One streamed chunk with one choice, choice ``index`` (``delta`` is the text itself
+    for a text completion); ``usage: null`` when usage comes last."""
     content = {"text": delta} if text else {"delta": delta}
     obj = "text_completion" if text else "chat.completion.chunk"
-    body = _envelope(obj, id, created, model, [_choice(content, finish_reason)])
+    body = _envelope(obj, id, created, model, [_choice(index, content, finish_reason)])
     if include_usage:
         body["usage"] = None
     return body

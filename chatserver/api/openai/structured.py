@@ -104,7 +104,8 @@ def _bounded(text: str, param: str) -> str:
     return text
 
 
-def _top_count(body: dict[str, Any], name: str) -> int:
+def top_count(body: dict[str, Any], name: str) -> int:
+    """An alternatives count (0..20) named ``name``: 400 ``invalid_parameter`` otherwise."""
     value = body.get(name)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -123,7 +124,7 @@ def chat_logprobs(body: dict[str, Any]) -> int | None:
     if wanted is not None and not isinstance(wanted, bool):
         raise bad_request("invalid_parameter", "'logprobs' must be a boolean", "logprobs")
     if body.get("top_logprobs") is not None:
-        top = _top_count(body, "top_logprobs")
+        top = top_count(body, "top_logprobs")
         if not wanted:
             raise bad_request(
                 "invalid_parameter", "'top_logprobs' needs 'logprobs': true", "top_logprobs"
@@ -136,7 +137,7 @@ def completion_logprobs(body: dict[str, Any]) -> int | None:
     """Text completions' ``logprobs``: the number of alternatives (0..20), or null."""
     if body.get("logprobs") is None:
         return None
-    return _top_count(body, "logprobs")
+    return top_count(body, "logprobs")
 
 
 def with_chat_options(params: RequestParams, body: dict[str, Any]) -> RequestParams:
@@ -224,10 +225,10 @@ class LogprobCursor:
         return body
 
 
-def attach_logprobs(body: dict[str, Any], stream: GenerationStream, text: bool) -> dict[str, Any]:
-    """A whole completion's logprobs, when the request asked for them."""
-    if stream.logprobs is not None and body.get("choices"):
+def attach_logprobs(choice: dict[str, Any], stream: GenerationStream, text: bool) -> dict[str, Any]:
+    """A whole choice's logprobs (``stream`` generated it), when the request asked for them."""
+    if stream.logprobs is not None:
         entries = stream.logprobs
         obj = completion_logprobs_object(entries) if text else chat_logprobs_object(entries)
-        body["choices"][0]["logprobs"] = obj
-    return body
+        choice["logprobs"] = obj
+    return choice

@@ -1,7 +1,8 @@
 """Routes of the Responses API, in OpenAI's error shape: HTTP and WebSocket mode.
 
 HTTP: ``POST /v1/responses`` (JSON, SSE with ``stream``, or ``background``),
-``GET``/``DELETE /v1/responses/{id}``, ``POST /v1/responses/{id}/cancel``.
+``GET``/``DELETE /v1/responses/{id}``, ``POST /v1/responses/{id}/cancel``,
+``GET /v1/responses/{id}/input_items`` (OpenAI's list object, newest first by default).
 
 WebSocket mode: ``GET /v1/responses`` upgraded (what ``client.responses.connect()``
 and openai-agents' ``responses_websocket_session()`` open). The client sends
@@ -104,6 +105,14 @@ async def retrieve(request: web.Request) -> web.Response:
     owner = principal(request).owner
     found = await request.app[RESPONSES].retrieve(request.match_info["response_id"], owner)
     return web.json_response(found)
+
+
+async def input_items(request: web.Request) -> web.Response:
+    """GET /v1/responses/{id}/input_items: a page of the input items it was created with."""
+    query = protocol.parse_items_query({k: request.query.getall(k) for k in request.query})
+    owner = principal(request).owner
+    page = await request.app[RESPONSES].input_items(request.match_info["response_id"], owner, query)
+    return web.json_response(page)
 
 
 async def delete(request: web.Request) -> web.Response:
@@ -328,4 +337,5 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/responses", websocket)
     app.router.add_get("/v1/responses/{response_id}", retrieve)
     app.router.add_delete("/v1/responses/{response_id}", delete)
+    app.router.add_get("/v1/responses/{response_id}/input_items", input_items)
     app.router.add_post("/v1/responses/{response_id}/cancel", cancel)

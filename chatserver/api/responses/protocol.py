@@ -10,6 +10,8 @@ nothing (``tools: []``, ``include: []``, ``truncation: "disabled"``...); fields
 OpenAI does not define are ignored. Honoured: ``input`` (a string, or message,
 ``function_call`` and ``function_call_output`` items with text content),
 ``instructions``, ``max_output_tokens``, ``temperature``, ``top_p``, ``stream``,
+``include: ["message.output_text.logprobs"]`` and ``top_logprobs`` (each
+output_text part's tokens, as chat's logprobs; not with tools in the prompt),
 ``store``, ``background`` (HTTP), ``previous_response_id``, ``metadata``,
 ``text.format`` (``text``, ``json_object``, ``json_schema``: constrained
 decoding in the worker), ``truncation`` (``auto`` drops the oldest turns of a
@@ -24,13 +26,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from chatserver.api.openai import tools as tool_api
 from chatserver.api.openai.protocol import ROLES, refuse_unsupported
-from chatserver.api.openai.structured import json_schema_grammar
+from chatserver.api.openai.structured import json_schema_grammar, top_count
 from chatserver.errors import ApiError, bad_request
 from chatserver.models.tools import Tool, ToolCall, ToolCallParser, ToolChoice, call_grammar
 from chatserver.protocol.sampling import RequestParams, parse_request_params
@@ -39,6 +41,12 @@ from chatserver.protocol.worker import GrammarSpec
 # OpenAI's bounds on metadata: 16 pairs, keys of 64 characters, values of 512.
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 MAX_STREAM_ID = 64
+# The ``include`` values honoured: the only output this server can add.
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+INCLUDABLE = (LOGPROBS_INCLUDE,)
+# GET /v1/responses/{id}/input_items: OpenAI's page bounds.
+DEFAULT_ITEMS_LIMIT, MAX_ITEMS_LIMIT = 20, 100
+MAX_ITEM_ID = 64
 
 
 def _never(value: Any) -> bool:
@@ -51,8 +59,6 @@ def _is_empty(value: Any) -> bool:
 
 # Parameters not honoured, each with the test of the values that ask for nothing.
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "include": (_is_empty, "'include' asks for output this server does not produce"),
-    "top_logprobs": (lambda v: v == 0, "logprobs are not supported on /v1/responses yet"),
     "reasoning": (
         lambda v: isinstance(v, dict) and all(x is None for x in v.values()),
         "this model does not reason",
@@ -86,6 +92,8 @@ class CreateRequest:
     # This turn's input items, normalised (see parse_input): what the history stores.
     items: list[dict[str, Any]]
     params: RequestParams
+    # The same items in the shape GET .../input_items lists them, each with its id.
+    input_items: list[dict[str, Any]] = field(default_factory=list)
     instructions: str | None = None
     stream: bool = False
     store: bool = True
@@ -102,6 +110,15 @@ class CreateRequest:
     stream_id: str | None = None  # WebSocket mode's lane
 
     @property
+    def logprobs(self) -> bool:
+        """Whether output_text parts and deltas carry their tokens' logprobs."""
+        return self.params.logprobs is not None
+
+    @property
+    def top_logprobs(self) -> int:
+        return self.params.logprobs or 0
+
+    @property
     def prompt_tools(self) -> tuple[Tool, ...]:
         """The tools the prompt lists: none when the model may not call any."""
         return () if self.tool_choice.mode == "none" else self.tools
@@ -112,7 +129,7 @@ class CreateRequest:
         if self.prompt_tools:
             max_calls = None if self.parallel_tool_calls else 1
             parser = ToolCallParser(self.tools, max_calls, self.tool_choice.forced)
-        return OutputBuilder(parser)
+        return OutputBuilder(parser, logprobs=self.logprobs)
 
 
 # --- input -------------------------------------------------------------------
@@ -212,6 +229,124 @@ def parse_input(raw: Any) -> list[dict[str, Any]]:
             "invalid_field", "'input' must be a string or a non-empty list of input items", "input"
         )
     return [_item(item, f"input[{i}]") for i, item in enumerate(raw)]
+
+
+_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+
+
+def _item_id(raw: Any, kind: str, taken: set[str]) -> str:
+    """The client's ``id`` for an item (one it passed back) when usable, else a new one:
+    ids are unique within a response, so ``after`` names one item."""
+    given = raw.get("id") if isinstance(raw, dict) else None
+    if isinstance(given, str) and 0 < len(given) <= MAX_ITEM_ID and given not in taken:
+        item_id = given
+    else:
+        item_id = f"{_ID_PREFIXES[kind]}_{uuid.uuid4().hex}"
+    taken.add(item_id)
+    return item_id
+
+
+def listed_item(item: dict[str, Any], item_id: str) -> dict[str, Any]:
+    """A normalised input item as GET .../input_items lists it (OpenAI's ``ResponseItem``):
+    a message's text is one part, ``output_text`` for the assistant, else ``input_text``."""
+    if item["type"] != "message":
+        return {"id": item_id, **item, "status": "completed"}
+    text = item["content"]
+    part = (
+        output_text(text) if item["role"] == "assistant" else {"type": "input_text", "text": text}
+    )
+    return {
+        "id": item_id,
+        "type": "message",
+        "role": item["role"],
+        "content": [part],
+        "status": "completed",
+    }
+
+
+def input_items(raw: Any, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``items`` (parse_input of ``raw``) as stored for listing, each with a stable id."""
+    raws = raw if isinstance(raw, list) else [raw]
+    taken: set[str] = set()
+    return [
+        listed_item(item, _item_id(r, item["type"], taken))
+        for r, item in zip(raws, items, strict=True)
+    ]
+
+
+def parse_include(raw: Any) -> tuple[str, ...]:
+    """``include``: a list of the values this server honours (INCLUDABLE); others are 400."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(value, str) for value in raw):
+        raise bad_request("invalid_field", "'include' must be a list of strings", "include")
+    for value in raw:
+        if value not in INCLUDABLE:
+            raise bad_request(
+                "unsupported_parameter",
+                f"'include' value {value!r} asks for output this server does not produce "
+                f"(only {LOGPROBS_INCLUDE!r} is honoured)",
+                "include",
+            )
+    return tuple(raw)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemsQuery:
+    """A checked GET /v1/responses/{id}/input_items query."""
+
+    limit: int = DEFAULT_ITEMS_LIMIT
+    order: str = "desc"
+    after: str | None = None
+
+
+def parse_items_query(query: Mapping[str, Sequence[str]]) -> ItemsQuery:
+    """``limit`` (1..100), ``order`` (asc, desc), ``after`` (an item id) and ``include``
+    (``include[]`` as the openai client sends it); ``query``: each name's values.
+    Other parameters are ignored, as OpenAI's fields are."""
+
+    def last(name: str) -> str | None:
+        values = query.get(name)
+        return values[-1] if values else None
+
+    limit = DEFAULT_ITEMS_LIMIT
+    raw = last("limit")
+    if raw is not None:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_ITEMS_LIMIT:
+            raise bad_request(
+                "invalid_parameter",
+                f"'limit' must be an integer from 1 to {MAX_ITEMS_LIMIT}",
+                "limit",
+            )
+        limit = int(raw)
+    order = last("order") or "desc"
+    if order not in ("asc", "desc"):
+        raise bad_request("invalid_parameter", "'order' must be 'asc' or 'desc'", "order")
+    parse_include([*query.get("include", ()), *query.get("include[]", ())])
+    return ItemsQuery(limit, order, last("after") or None)
+
+
+def items_page(items: list[dict[str, Any]], query: ItemsQuery) -> dict[str, Any]:
+    """One page of a response's input items: OpenAI's list object."""
+    ordered = items if query.order == "asc" else items[::-1]
+    start = 0
+    if query.after is not None:
+        ids = [item["id"] for item in ordered]
+        if query.after not in ids:
+            raise bad_request(
+                "invalid_parameter",
+                f"'after': no input item {query.after!r} in this response",
+                "after",
+            )
+        start = ids.index(query.after) + 1
+    page = ordered[start : start + query.limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": start + query.limit < len(ordered),
+    }
 
 
 def to_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -368,6 +503,25 @@ def _tool_choice(body: dict[str, Any], tools: tuple[Tool, ...]) -> ToolChoice:
     return tool_api.parse_tool_choice({"tool_choice": raw}, tools)
 
 
+def _logprobs(body: dict[str, Any], tools: tuple[Tool, ...]) -> int | None:
+    """``include`` and ``top_logprobs`` (0..20): the alternatives to report with each
+    token's logprob, or None for no logprobs. ``top_logprobs`` above 0 asks for them
+    without ``include``. Not with tools in the prompt: the reply's tokens are then
+    parsed into calls and text, and no token belongs to one output_text part."""
+    wanted = LOGPROBS_INCLUDE in parse_include(body.get("include"))
+    top = 0 if body.get("top_logprobs") is None else top_count(body, "top_logprobs")
+    if not (wanted or top):
+        return None
+    if tools:
+        raise bad_request(
+            "unsupported_parameter",
+            "logprobs are not reported when the model may call tools (tool_choice 'none' "
+            "allows them)",
+            "include" if wanted else "top_logprobs",
+        )
+    return top
+
+
 def _params(body: dict[str, Any]) -> RequestParams:
     """Sampling parameters: OpenAI's, and the extensions every chatserver API takes."""
     names = ("max_output_tokens", "temperature", "top_p", "seed", "top_k", "stop", "ignore_eos")
@@ -383,7 +537,7 @@ def parse_create(body: dict[str, Any], *, websocket: bool = False) -> CreateRequ
     refuse_unsupported(body, UNSUPPORTED)
     if websocket:
         refuse_unsupported(body, UNSUPPORTED_WEBSOCKET)
-    truncation = body.get("truncation") or "disabled"
+    truncation = "disabled" if body.get("truncation") is None else body["truncation"]
     if truncation not in ("auto", "disabled"):
         raise bad_request(
             "invalid_field", "'truncation' must be 'auto' or 'disabled'", "truncation"
@@ -404,6 +558,9 @@ def parse_create(body: dict[str, Any], *, websocket: bool = False) -> CreateRequ
     params = _params(body)
     if grammar is not None:
         params = replace(params, grammar=grammar)
+    logprobs = _logprobs(body, () if choice.mode == "none" else tools)
+    if logprobs is not None:
+        params = replace(params, logprobs=logprobs)
     store = _bool(body, "store", True)
     background = _bool(body, "background", False)
     stream = _bool(body, "stream", False)
@@ -418,6 +575,7 @@ def parse_create(body: dict[str, Any], *, websocket: bool = False) -> CreateRequ
         model=model,
         items=items,
         params=params,
+        input_items=input_items(body.get("input"), items),
         instructions=_optional_string(body, "instructions"),
         stream=stream,
         store=store,
@@ -477,18 +635,21 @@ def usage(input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> dict
     }
 
 
-def output_text(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def output_text(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """An output_text part; ``logprobs``: its tokens' (api/openai/structured.chat_entry)."""
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
-def output_message(item_id: str, text: str | None, status: str) -> dict[str, Any]:
+def output_message(
+    item_id: str, text: str | None, status: str, logprobs: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """The assistant message item; ``text`` None: no content part yet (just added)."""
     return {
         "id": item_id,
         "type": "message",
         "status": status,
         "role": "assistant",
-        "content": [] if text is None else [output_text(text)],
+        "content": [] if text is None else [output_text(text, logprobs)],
     }
 
 
@@ -531,7 +692,7 @@ def response_object(
         "text": request.text,
         "tool_choice": tool_choice_object(request.tool_choice),
         "tools": [tool_object(t) for t in request.tools],
-        "top_logprobs": 0,
+        "top_logprobs": request.top_logprobs,
         "top_p": top_p,
         "truncation": request.truncation,
         "usage": usage if finished else None,
@@ -600,20 +761,35 @@ class OutputBuilder:
     item when it first appears, each call becomes a ``function_call`` item (added,
     its arguments in one delta, done), in the order the model wrote them. Events
     come without ``sequence_number`` (the run numbers them).
+
+    With ``logprobs`` (never with a parser: parse_create refuses that), each
+    delta carries the entries of the tokens it delivered and the message's part
+    all of them.
     """
 
-    def __init__(self, parser: ToolCallParser | None) -> None:
+    def __init__(self, parser: ToolCallParser | None, *, logprobs: bool = False) -> None:
         self.parser = parser
+        self.logprobs = logprobs and parser is None
         self.items: list[dict[str, Any]] = []  # finished items, in output order
         self._message: dict[str, Any] | None = None  # the open message item
         self._text = ""
+        self._logprobs: list[dict[str, Any]] = []  # the open message's
 
     def start(self) -> list[dict[str, Any]]:
         return [] if self.parser is not None else self._open()
 
-    def feed(self, delta: str) -> list[dict[str, Any]]:
-        parts: list[str | ToolCall] = [delta] if self.parser is None else self.parser.feed(delta)
-        return self._emit(parts)
+    def feed(
+        self, delta: str, logprobs: list[dict[str, Any]] | None = None
+    ) -> list[dict[str, Any]]:
+        """Events for a delta of the reply; ``logprobs``: the entries of its tokens."""
+        if self.parser is not None:
+            return self._emit(self.parser.feed(delta))
+        if self.logprobs and logprobs:
+            if not delta:  # tokens whose text never came (a stop string's)
+                self._logprobs += logprobs
+                return []
+            return self._emit([delta], logprobs)
+        return self._emit([delta])
 
     def close(self, status: str) -> list[dict[str, Any]]:
         """The reply ended: the open message's done events (its item ``status``)."""
@@ -625,7 +801,8 @@ class OutputBuilder:
         """The items so far, the open message with its text so far."""
         if self._message is None:
             return list(self.items)
-        return [*self.items, {**self._message, "content": [output_text(self._text)]}]
+        part = output_text(self._text, self._logprobs)
+        return [*self.items, {**self._message, "content": [part]}]
 
     def _index(self) -> int:
         return len(self.items)
@@ -633,6 +810,7 @@ class OutputBuilder:
     def _open(self) -> list[dict[str, Any]]:
         self._message = output_message(message_id(), None, "in_progress")
         self._text = ""
+        self._logprobs = []
         ids = {"item_id": self._message["id"], "output_index": self._index(), "content_index": 0}
         return [
             event("response.output_item.added", output_index=self._index(), item=self._message),
@@ -643,18 +821,20 @@ class OutputBuilder:
         message = self._message
         if message is None:
             return []
-        index, text = self._index(), self._text
+        index, text, logprobs = self._index(), self._text, self._logprobs
         ids = {"item_id": message["id"], "output_index": index, "content_index": 0}
-        done = output_message(message["id"], text, status)
+        done = output_message(message["id"], text, status, logprobs)
         self._message = None
         self.items.append(done)
         return [
-            event("response.output_text.done", text=text, logprobs=[], **ids),
-            event("response.content_part.done", part=output_text(text), **ids),
+            event("response.output_text.done", text=text, logprobs=logprobs, **ids),
+            event("response.content_part.done", part=output_text(text, logprobs), **ids),
             event("response.output_item.done", output_index=index, item=done),
         ]
 
-    def _emit(self, parts: list[str | ToolCall]) -> list[dict[str, Any]]:
+    def _emit(
+        self, parts: list[str | ToolCall], logprobs: list[dict[str, Any]] | None = None
+    ) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
         for part in parts:
             if isinstance(part, str):
@@ -663,12 +843,13 @@ class OutputBuilder:
                 if self._message is None:
                     events += self._open()
                 self._text += part
+                self._logprobs += logprobs or []
                 ids = {"item_id": self._message["id"], "output_index": self._index()}
                 events.append(
                     event(
                         "response.output_text.delta",
                         delta=part,
-                        logprobs=[],
+                        logprobs=logprobs or [],
                         content_index=0,
                         **ids,
                     )

@@ -86,6 +86,7 @@ class ResponseRun:
     output: OutputBuilder
     seq: int = 0
     fed: int = 0  # characters of the reply given to ``output``
+    fed_logprobs: int = 0  # entries of ``stream.logprobs`` given to ``output``
     closed: bool = False  # ``output`` has its end
     final: dict[str, Any] | None = None  # the response object once it ended
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -109,9 +110,15 @@ class ResponseRun:
         return event
 
     def feed(self, delta: str) -> list[dict[str, Any]]:
-        """The output events for a delta of the reply."""
+        """The output events for a delta of the reply, with the logprobs of the tokens
+        delivered since the last (structured.LogprobCursor's rule, as chat streams them)."""
         self.fed += len(delta)
-        return self.output.feed(delta)
+        entries = self.stream.logprobs
+        if entries is None:
+            return self.output.feed(delta)
+        new = [structured.chat_entry(e) for e in entries[self.fed_logprobs :]]
+        self.fed_logprobs = len(entries)
+        return self.output.feed(delta, new)
 
     def outcome(self) -> tuple[str, dict[str, Any] | None]:
         """How the ended stream ended: the response's status, and its error if failed."""
@@ -129,7 +136,10 @@ class ResponseRun:
         if self.closed:
             return []
         self.closed = True
-        events = self.feed(self.stream.text[self.fed :]) if self.fed < len(self.stream.text) else []
+        rest = self.fed < len(self.stream.text) or (
+            self.stream.logprobs is not None and self.fed_logprobs < len(self.stream.logprobs)
+        )
+        events = self.feed(self.stream.text[self.fed :]) if rest else []
         status, _ = self.outcome()
         return events + self.output.close("completed" if status == "completed" else "incomplete")
 
@@ -251,7 +261,7 @@ class ResponsesServing:
         history = run.history
         if run.final["status"] != "failed":
             history = [*history, *protocol.output_messages(run.output.items)]
-        record = StoredResponse(run.id, run.owner, run.final, history)
+        record = StoredResponse(run.id, run.owner, run.final, history, run.request.input_items)
         if local is not None:
             local[run.id] = record
         if run.request.store:
@@ -312,7 +322,10 @@ class ResponsesServing:
         async def generate() -> None:
             try:
                 async with self.run(request, owner, limits) as run:
-                    await self.store.put(StoredResponse(run.id, owner, run.snapshot("queued")))
+                    queued = StoredResponse(
+                        run.id, owner, run.snapshot("queued"), input_items=request.input_items
+                    )
+                    await self.store.put(queued)
                     started.set_result(run)
                     async for _ in run.stream:
                         pass
@@ -337,6 +350,15 @@ class ResponsesServing:
         if running is not None and running.owner == owner and running.stream.scheduled:
             return running.snapshot("in_progress", output=running.output.open_items)
         return record.response
+
+    async def input_items(
+        self, response_id: str, owner: str, query: protocol.ItemsQuery
+    ) -> dict[str, Any]:
+        """A page of a stored response's input items (any server on the store's Redis)."""
+        record = await self.store.get(response_id, owner=owner)
+        if record is None:
+            raise response_not_found(response_id)
+        return protocol.items_page(record.input_items, query)
 
     async def delete(self, response_id: str, owner: str) -> dict[str, Any]:
         if not await self.store.delete(response_id, owner=owner):
