@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import aiohttp
 
@@ -54,3 +56,26 @@ def delete_redis_keys(redis_url: str, prefix: str) -> None:
             client.delete(*keys)
     finally:
         client.close()
+
+
+@contextmanager
+def redis_pair(
+    redis_url: str, prefix: str, resume_grace: float
+) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """Two small servers sharing one Redis and key prefix, started together; their keys
+    deleted after (live delivery and resume across instances)."""
+    flags = (
+        *("--redis-url", redis_url, "--redis-prefix", prefix),
+        *("--ws-resume-grace", str(resume_grace), "--skip-quality-gate", "--max-batch", "4"),
+        *("--max-context", "1024", "--threads-per-worker", "1"),
+        *("--log-level", "warning"),
+    )
+    a, b = ServerProcess(*flags), ServerProcess(*flags)
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+        delete_redis_keys(redis_url, prefix)

@@ -24,7 +24,7 @@ from chatserver.sessions.live import (
     ReplyPublisher,
     coalesce,
 )
-from tests.serverproc import ServerProcess, delete_redis_keys
+from tests.serverproc import ServerProcess, delete_redis_keys, redis_pair
 
 TIMEOUT = 120.0
 PREFIX = f"chatserver-test-live-{uuid.uuid4().hex[:8]}:"
@@ -225,21 +225,8 @@ async def test_memory_channel_expires_and_keeps_maxlen() -> None:
 @pytest.fixture(scope="module")
 def pair(redis_url: str) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     """Two servers sharing one Redis (and one key prefix), started together."""
-    flags = (
-        *("--redis-url", redis_url, "--redis-prefix", PREFIX),
-        *("--ws-resume-grace", str(GRACE), "--skip-quality-gate", "--max-batch", "4"),
-        *("--max-context", "1024", "--threads-per-worker", "1"),
-        *("--log-level", "warning"),
-    )
-    a, b = ServerProcess(*flags), ServerProcess(*flags)
-    try:
-        a.wait_ready()
-        b.wait_ready()
-        yield a, b
-    finally:
-        a.stop()
-        b.stop()
-        delete_redis_keys(redis_url, PREFIX)
+    with redis_pair(redis_url, PREFIX, GRACE) as servers:
+        yield servers
 
 
 def ws_url(server: ServerProcess, session_id: str | None = None) -> str:

@@ -21,7 +21,7 @@ import pytest
 import redis
 import websockets
 
-from tests.serverproc import ServerProcess, delete_redis_keys
+from tests.serverproc import ServerProcess, redis_pair
 
 TIMEOUT = 120.0
 PREFIX = f"chatserver-test-wstools-{uuid.uuid4().hex[:8]}:"
@@ -315,21 +315,8 @@ async def test_a_chat_message_abandons_pending_calls(server: ServerProcess) -> N
 
 @pytest.fixture(scope="module")
 def pair(redis_url: str) -> Iterator[tuple[ServerProcess, ServerProcess]]:
-    flags = (
-        *("--redis-url", redis_url, "--redis-prefix", PREFIX),
-        *("--ws-resume-grace", "2", "--skip-quality-gate", "--max-batch", "4"),
-        *("--max-context", "1024", "--threads-per-worker", "1"),
-        *("--log-level", "warning"),
-    )
-    a, b = ServerProcess(*flags), ServerProcess(*flags)
-    try:
-        a.wait_ready()
-        b.wait_ready()
-        yield a, b
-    finally:
-        a.stop()
-        b.stop()
-        delete_redis_keys(redis_url, PREFIX)
+    with redis_pair(redis_url, PREFIX, 2) as servers:
+        yield servers
 
 
 async def test_calls_made_on_a_are_answered_on_b_and_seen_live(
