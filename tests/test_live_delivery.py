@@ -420,7 +420,9 @@ async def test_a_reply_nobody_resumes_is_cancelled_after_the_grace(
     ws = await websockets.connect(ws_url(a, session_id))
     await recv(ws)
     prompt = "Count from 1 to 500, separated by commas."
-    await send(ws, type="chat", id="g1", content=prompt, params={"max_tokens": 400})
+    # ignore_eos: the reply must outlast the grace whatever the model would say.
+    params = {"max_tokens": 400, "ignore_eos": True}
+    await send(ws, type="chat", id="g1", content=prompt, params=params)
     while (await recv(ws))["type"] != "token":
         pass
     ws.transport.abort()

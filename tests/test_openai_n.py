@@ -52,6 +52,14 @@ async def poem(client: AsyncOpenAI, n: int, seed: int, **extra: Any) -> Any:
     )
 
 
+def assert_same_logprobs(streamed: list[dict[str, Any]], whole: list[dict[str, Any]]) -> None:
+    """Same tokens, same logprobs up to rounding: the second request finds the prompt
+    cached and prefills less of it, so float32 sums come out in another order."""
+    assert [(e["token"], e["bytes"]) for e in streamed] == [(e["token"], e["bytes"]) for e in whole]
+    for s, w in zip(streamed, whole, strict=True):
+        assert s["logprob"] == pytest.approx(w["logprob"], rel=1e-4, abs=1e-4)
+
+
 async def sse(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> list[Any]:
     """The data of every event of a streamed completion, ``[DONE]`` as the string."""
     async with http.post(url, json=body) as r:
@@ -155,7 +163,9 @@ async def test_stream_reassembled_per_index_is_the_reply(exact_server: ServerPro
         )
     assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
     *chunks, usage = events[:-1]
-    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")  # cached_tokens: run order
+    assert usage["choices"] == []
+    assert {k: usage["usage"][k] for k in counts} == {k: whole["usage"][k] for k in counts}
     texts, roles, finishes, logprobs = ["", "", ""], [0, 0, 0], [0, 0, 0], [[], [], []]
     for chunk in chunks:
         (choice,) = chunk["choices"]
@@ -173,7 +183,7 @@ async def test_stream_reassembled_per_index_is_the_reply(exact_server: ServerPro
     assert texts == [c["message"]["content"] for c in whole["choices"]]
     # Each choice's logprobs are its own tokens', streamed and not.
     for i, choice in enumerate(whole["choices"]):
-        assert logprobs[i] == choice["logprobs"]["content"]
+        assert_same_logprobs(logprobs[i], choice["logprobs"]["content"])
         assert "".join(e["token"] for e in logprobs[i]) == texts[i]
 
 

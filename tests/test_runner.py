@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -20,20 +21,12 @@ from chatserver.workers import cpu_features, quality_gate
 from chatserver.workers.core import build_core
 from chatserver.workers.kernels import DownProjLinear
 from chatserver.workers.precision import int8_kernels
-from chatserver.workers.runner import LlamaRunner, StepItem
+from chatserver.workers.runner import LlamaRunner, StepItem, zeroed_cache
+from load_tests.batch_effect import PROMPTS as BATCH_EFFECT_PROMPTS
 
 QUALITY_TEXT = quality_gate.QUALITY_TEXT
 CPU = cpu_features.detect()
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "List three primary colors.",
-    "Explain in one sentence what a CPU does, and why computers need one at all.",
-    "Say hello.",
-    "What is 2 + 2?",
-    "Give me a tip for learning to cook, please, as a complete beginner who has never used a stove.",
-    "Name a planet.",
-]
+PROMPTS = list(BATCH_EFFECT_PROMPTS)  # load_tests.batch_effect measures on the same ones
 
 
 @pytest.fixture(scope="module")
@@ -221,12 +214,31 @@ def test_compiled_runner_matches_eager(hf_model, tokenizer):
         assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
 
 
-def test_slots_hold_the_full_context_from_the_start(hf_model, tokenizer):
-    """A long prompt never reallocates the cache: growing positions would copy every
-    slot of every layer while the whole batch waits."""
-    runner = LlamaRunner(hf_model, 512)
-    assert runner.capacity == 512
+def test_the_cache_is_reserved_once_and_never_moves(hf_model, tokenizer):
+    """A long prompt, or a sequence in the last slot, never reallocates the cache:
+    growing it zeroed and copied every layer while the whole batch waited."""
+    runner = LlamaRunner(hf_model, 512, slots=12)
+    assert (runner.capacity, runner.slots) == (512, 12)
     before = [t.data_ptr() for t in (*runner.k_cache, *runner.v_cache)]
     ids = tokenizer("word " * 400)["input_ids"][:450]
-    runner.forward([StepItem(1, 0, ids, 0, True)], 1)
+    runner.forward([StepItem(1, 0, ids, 0, True), StepItem(2, 11, ids[:20], 0, True)], 12)
     assert [t.data_ptr() for t in (*runner.k_cache, *runner.v_cache)] == before
+    with pytest.raises(RuntimeError, match="holds 12 slots"):
+        runner.forward([StepItem(3, 12, ids[:5], 0, True)], 13)
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_reserved_cache_reads_zero_and_costs_memory_only_where_written():
+    shape = (64, 4, 4096, 64)  # 256 MiB of float32 per tensor, 1 GiB in all
+    before = resident_bytes()
+    caches = [zeroed_cache(shape, torch.float32, torch.device("cpu")) for _ in range(4)]
+    assert resident_bytes() - before < 16 * 2**20
+    caches[0][3, :, :100] = 1.5
+    assert caches[0][3, :, :100].eq(1.5).all() and caches[0][3, :, 100:200].eq(0).all()
+    assert caches[3][63].eq(0).all()
+    bf16 = zeroed_cache((2, 3, 8, 4), torch.bfloat16, torch.device("cpu"))
+    assert bf16.dtype == torch.bfloat16 and bf16.shape == (2, 3, 8, 4) and not bf16.any()

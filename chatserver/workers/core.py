@@ -45,7 +45,7 @@ class WorkerCore:
         self.runner = runner
         self.kv = kv_cache_for(config, runner)
         if isinstance(runner, LlamaRunner):
-            runner.limit_slots(self.kv.num_slots)
+            runner.reserve_slots(self.kv.num_slots)
         self.scheduler = BatchScheduler(
             min(config.max_batch, self.kv.num_slots),
             config.prefill_chunk,

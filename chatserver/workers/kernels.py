@@ -20,11 +20,17 @@ it): perplexity of the 335-token quality_text.txt in one prefill (LlamaRunner.sc
 while building issue 8 by swapping this kernel in; two cheap elementwise ops, yet not free: on the AVX-512+VNNI EPYC they cost
 16-stream decoding 14% (`python -m load_tests.precision`, 317 tok/s with them
 against 349 without, same session) for no gain in one prompt's quality there
-(prefill perplexity 16.62 with, 16.54 without). Where they matter is a step
-holding many prompts' tokens: a prompt's logits moved up to 0.49 (relative)
-between alone and batched with 15 others without them, against a 0.10
-precision error (tests/test_runner.py, batch effect). So int8-vnni scales the
-rows of steps larger than a decode batch (> 64 rows: prefill), int8-avx2 of
+(prefill perplexity 16.62 with, 16.54 without), so int8-vnni once scaled only
+steps of more than 64 rows. That left a short prompt's prefill unscaled, with
+the first position's outlier activations in the same tensor as the rest.
+`python -m load_tests.batch_effect` (16 prompts of 35-47 tokens, last
+position's logits; 2-core AMD EPYC, torch capability AVX512, VNNI
+avx512_vnni, 2026-12-02), with `--scale-rows-above 64` against today's 1:
+prompts prefilled alone had float32's top token for 8 of 16 against 13 of
+16 scaled, the worst prompt's logits 0.39 (relative) from float32's against
+0.12, and alone vs batched differed by up to 0.73 against 0.12. Its cost to
+decoding was not measured apart (README's AVX-512 EPYC table has it together
+with the KV cache reservation). So both variants scale
 every step of more than one row.
 """
 

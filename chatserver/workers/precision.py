@@ -61,7 +61,7 @@ def int8_kernels(cpu: CpuFeatures, choice: str = "auto") -> Int8Kernels:
         return Int8Kernels(
             "int8-vnni",
             weight_max=127,
-            scale_rows_above=64,
+            scale_rows_above=1,
             down_int8_max_rows=4,
             down_wide_dtype=wide,
         )

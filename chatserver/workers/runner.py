@@ -12,9 +12,10 @@ batch, and no int8 path. Ours:
   which the live sequences always occupy slots 0..n-1, so batched decode
   attends over a view of the cache with no gather; which slot holds what, and
   which prefixes are reused, is workers/kv_cache.py's bookkeeping, applied
-  here as slot copies and swaps (`apply`). Every slot holds `max_context`
-  positions from the start; the slot count grows (doubling) from 8 to at most
-  `max_slots`: the memory budget;
+  here as slot copies and swaps (`apply`). The whole budget of slots, each of
+  `max_context` positions, is reserved at start in memory that is committed
+  only where written (`zeroed_cache`), so nothing ever grows or moves while
+  the batch waits;
 * flattens every token of the step (one per decoding sequence, a chunk per
   prefilling one) into one `[tokens, hidden]` matrix, so the weights are read
   once per step however many sequences run: decoding is memory-bound, so a
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import mmap
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +89,22 @@ def _pair_rows(heads: int, head_dim: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(heads).unsqueeze(1) * head_dim + within).reshape(-1).to(device)
 
 
+def zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor for the KV cache; on the CPU its memory is committed only where written.
+
+    Anonymous mmap pages read as zero until first written, so the whole budget
+    costs address space, not RAM or time, until sequences fill it; torch.zeros
+    writes every byte up front (what made growing the cache stall, see
+    reserve_slots). Zeros matter: masked positions still meet the attention
+    weights, and garbage there could be NaN.
+    """
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    buffer = mmap.mmap(-1, nbytes)
+    return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
+
+
 class LlamaRunner:
     name = "llama-slots"
 
@@ -94,10 +112,9 @@ class LlamaRunner:
         self,
         model: Any,
         max_context: int,
-        initial_slots: int = 8,
+        slots: int = 8,
         int8: Int8Kernels | None = None,
         compile: bool = False,
-        max_slots: int = 1 << 30,
     ) -> None:
         cfg = model.config
         inner = model.model
@@ -183,18 +200,11 @@ class LlamaRunner:
             # the norm / projection / rotary / MLP pieces around them are fused.
             self._project_qkv = torch.compile(self._project_qkv, dynamic=True)
             self._output_and_mlp = torch.compile(self._output_and_mlp, dynamic=True)
-        self.max_slots = max(1, max_slots)
         self.slots = 0
-        self.capacity = 0
+        self.capacity = max_context
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
-        # Every slot holds max_context positions from the start: growing the
-        # positions later copies every slot of every layer while the whole batch
-        # waits: at 8 slots of float32 going from 2,048 to 4,096 positions, 1.4 GiB
-        # allocated and 0.7 GiB copied, 1,327 ms on the 2-core AMD EPYC (torch
-        # capability AVX512, VNNI avx512_vnni) with other work on it; that was the
-        # single /ws conversation's slow turn 10 in README's multiturn table.
-        self._ensure(min(initial_slots, self.max_slots), max_context)
+        self.reserve_slots(slots)
         if compile:
             # Compile now, so readiness includes it rather than the first request:
             # a prefill (dynamic length) and a one-token decode (specialized).
@@ -202,13 +212,25 @@ class LlamaRunner:
             self.forward([StepItem(-1, 0, [3], 3, True)], 1)
 
     # --- cache management -------------------------------------------------
-    def limit_slots(self, max_slots: int) -> None:
-        """Hold at most `max_slots` slots (the KV cache budget), dropping any beyond."""
-        self.max_slots = max(1, max_slots)
-        if self.slots > self.max_slots:
-            for caches in (self.k_cache, self.v_cache):
-                caches[:] = [cache[: self.max_slots].clone() for cache in caches]
-            self.slots = self.max_slots
+    def reserve_slots(self, slots: int) -> None:
+        """Hold exactly `slots` slots of `max_context` positions (the KV cache budget).
+
+        Called before any sequence holds a slot: the contents are dropped.
+        Reserving the whole budget up front replaces growing the cache on
+        demand (doubling the slots, zeroing and copying), which stalled every
+        running sequence: `python -m load_tests.bench_batching --levels 1,16,32`
+        on the 2-core AMD EPYC (torch capability AVX512, VNNI avx512_vnni,
+        2026-12-02; zeroing runs at 0.8 GB/s there) gave TTFT p99 14.9 s and
+        86 tok/s at 16 streams while the cache grew, 0.57 s and 234 tok/s
+        reserved (load_tests/results/bench_batching_cpu_avx512_epyc*.json).
+        """
+        slots = max(1, slots)
+        shape = (slots, self.num_kv_heads, self.max_context, self.head_dim)
+        for caches in (self.k_cache, self.v_cache):
+            caches[:] = [
+                zeroed_cache(shape, self.dtype, self.device) for _ in range(self.num_layers)
+            ]
+        self.slots = slots
 
     def slot_bytes(self) -> int:
         """Bytes one slot of `max_context` positions takes, keys and values of every layer."""
@@ -218,38 +240,22 @@ class LlamaRunner:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
 
-    def _ensure(self, slots: int, length: int) -> None:
-        """Grow the cache (doubling slots, up to max_slots) to hold `slots` sequences."""
-        if slots <= self.slots and length <= self.capacity:
-            return
-        if slots > self.max_slots:
-            raise RuntimeError(f"the KV cache holds {self.max_slots} slots; slot {slots - 1} asked")
-        new_slots = max(self.slots, 1)
-        while new_slots < slots:
-            new_slots *= 2
-        new_slots = min(new_slots, self.max_slots)
-        new_cap = self.max_context
-        shape = (new_slots, self.num_kv_heads, new_cap, self.head_dim)
-        for caches in (self.k_cache, self.v_cache):
-            grown = []
-            for old in caches or [None] * self.num_layers:
-                fresh = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                if old is not None:
-                    fresh[: old.shape[0], :, : old.shape[2]] = old
-                grown.append(fresh)
-            caches[:] = grown
-        self.slots, self.capacity = new_slots, new_cap
+    def _check_fits(self, slots: int, length: int) -> None:
+        if slots > self.slots:
+            raise RuntimeError(f"the KV cache holds {self.slots} slots; slot {slots - 1} asked")
+        if length > self.capacity:
+            raise RuntimeError(f"the KV cache holds {self.capacity} positions; {length} asked")
 
     @torch.inference_mode()
     def apply(self, ops: list[SlotOp]) -> None:
         """Carry out the KV cache manager's slot copies, swaps and clears, in order."""
         for op in ops:
             if isinstance(op, SlotCopy):
-                self._ensure(max(op.src, op.dst) + 1, op.length)
+                self._check_fits(max(op.src, op.dst) + 1, op.length)
                 for cache in (*self.k_cache, *self.v_cache):
                     cache[op.dst, :, : op.length] = cache[op.src, :, : op.length]
             elif isinstance(op, SlotSwap):
-                self._ensure(max(op.a, op.b) + 1, op.length)
+                self._check_fits(max(op.a, op.b) + 1, op.length)
                 pair = torch.tensor([op.a, op.b], device=self.device)
                 for cache in (*self.k_cache, *self.v_cache):
                     cache[pair, :, : op.length] = cache[pair.flip(0), :, : op.length]
@@ -318,7 +324,7 @@ class LlamaRunner:
 
     def _hidden(self, items: list[StepItem], active_slots: int) -> tuple[torch.Tensor, list[int]]:
         ends = [it.start + len(it.token_ids) for it in items]
-        self._ensure(active_slots, max(ends))
+        self._check_fits(active_slots, max(ends))
         dev = self.device
         H, KV, D, cap = self.num_heads, self.num_kv_heads, self.head_dim, self.capacity
         token_ids: list[int] = []
@@ -509,8 +515,7 @@ def build_runner(
     max_context: int,
     int8: Int8Kernels | None = None,
     compile: bool = False,
-    max_slots: int = 1 << 30,
 ) -> LlamaRunner | HFRunner:
     if supports_fast_runner(model):
-        return LlamaRunner(model, max_context, int8=int8, compile=compile, max_slots=max_slots)
+        return LlamaRunner(model, max_context, int8=int8, compile=compile)
     return HFRunner(model, max_context)
