@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import aiohttp
 
@@ -59,18 +59,13 @@ def delete_redis_keys(redis_url: str, prefix: str) -> None:
 
 
 @contextmanager
-def redis_pair(
-    redis_url: str, prefix: str, resume_grace: float
+def server_pair(
+    redis_url: str, prefix: str, *flags: str
 ) -> Iterator[tuple[ServerProcess, ServerProcess]]:
-    """Two small servers sharing one Redis and key prefix, started together; their keys
-    deleted after (live delivery and resume across instances)."""
-    flags = (
-        *("--redis-url", redis_url, "--redis-prefix", prefix),
-        *("--ws-resume-grace", str(resume_grace), "--skip-quality-gate", "--max-batch", "4"),
-        *("--max-context", "1024", "--threads-per-worker", "1"),
-        *("--log-level", "warning"),
-    )
-    a, b = ServerProcess(*flags), ServerProcess(*flags)
+    """Two servers with the same flags sharing one Redis and key prefix, started together;
+    their keys deleted after."""
+    shared = ("--redis-url", redis_url, "--redis-prefix", prefix, *flags)
+    a, b = ServerProcess(*shared), ServerProcess(*shared)
     try:
         a.wait_ready()
         b.wait_ready()
@@ -79,3 +74,16 @@ def redis_pair(
         a.stop()
         b.stop()
         delete_redis_keys(redis_url, prefix)
+
+
+def redis_pair(
+    redis_url: str, prefix: str, resume_grace: float
+) -> AbstractContextManager[tuple[ServerProcess, ServerProcess]]:
+    """Two small servers for live delivery and resume across instances."""
+    return server_pair(
+        redis_url,
+        prefix,
+        *("--ws-resume-grace", str(resume_grace), "--skip-quality-gate", "--max-batch", "4"),
+        *("--max-context", "1024", "--threads-per-worker", "1"),
+        *("--log-level", "warning"),
+    )

@@ -23,7 +23,7 @@ from chatserver.api.chat.serving import ToolAnswers, pending_calls
 from chatserver.config import Settings
 from chatserver.models.prompt import render
 from chatserver.models.tools import ToolChoice
-from tests.serverproc import ServerProcess, delete_redis_keys
+from tests.serverproc import ServerProcess, server_pair
 from tests.test_api_ws import recv, send, ws_url
 
 SYSTEM = {"role": "system", "content": Settings().system_prompt}
@@ -44,17 +44,10 @@ def redis_prefix() -> str:
 @pytest.fixture(scope="module")
 def redis_pair(redis_url: str, redis_prefix: str) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     """Two servers sharing one Redis (a prefix of their own), history capped at 6 messages."""
-    flags = ("--redis-url", redis_url, "--redis-prefix", redis_prefix, "--log-level", "warning")
-    flags += ("--max-history-messages", "6", "--skip-quality-gate")  # the gate: test_quality_gate
-    a, b = ServerProcess(*flags), ServerProcess(*flags)
-    try:
-        a.wait_ready()
-        b.wait_ready()
-        yield a, b
-    finally:
-        a.stop()
-        b.stop()
-        delete_redis_keys(redis_url, redis_prefix)
+    flags = ("--log-level", "warning", "--max-history-messages", "6")
+    flags += ("--skip-quality-gate",)  # the gate: test_quality_gate
+    with server_pair(redis_url, redis_prefix, *flags) as servers:
+        yield servers
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ import pytest
 from chatserver.workers.ray_worker import LEASE_S
 from load_tests.server import free_port
 from tests.serverproc import ServerProcess
+from tests.test_ray_worker import chat as ray_worker_chat
 
 pytestmark = pytest.mark.ray
 
@@ -226,15 +227,9 @@ def driver(ray_head, share) -> Iterator[Driver]:
 
 
 async def chat(http: aiohttp.ClientSession, url: str, content: str, max_tokens: int = 20) -> str:
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-    }
-    async with http.post(url + "/v1/chat/completions", json=body) as resp:
-        assert resp.status == 200, await resp.text()
-        return (await resp.json())["choices"][0]["message"]["content"]
+    return (await ray_worker_chat(http, url, content, max_tokens))["choices"][0]["message"][
+        "content"
+    ]
 
 
 async def stream(http: aiohttp.ClientSession, url: str, started: asyncio.Event) -> list[bytes]:

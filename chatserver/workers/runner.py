@@ -220,7 +220,7 @@ class LlamaRunner:
         demand (doubling the slots, zeroing and copying), which stalled every
         running sequence: `python -m load_tests.bench_batching --levels 1,16,32`
         on the 2-core AMD EPYC (torch capability AVX512, VNNI avx512_vnni,
-        2026-12-02; zeroing runs at 0.8 GB/s there) gave TTFT p99 14.9 s and
+        2026-12-02) gave TTFT p99 14.9 s and
         86 tok/s at 16 streams while the cache grew, 0.57 s and 234 tok/s
         reserved (load_tests/results/bench_batching_cpu_avx512_epyc*.json).
         """
