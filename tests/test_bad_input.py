@@ -127,6 +127,7 @@ def ws_url(server: ServerProcess) -> str:
         ('{"type": "chat", "content": ["hi"]}', "invalid_field"),
         ('{"type": "chat", "content": "hi", "id": 5}', "invalid_field"),
         ('{"type": "chat", "content": "hi", "params": {"top_p": 7}}', "invalid_parameter"),
+        ('{"type": "chat", "content": "hi", "max_tokens": 4}', "invalid_field"),  # not params
         ('{"type": "chat", "content": "hi", "params": {"max_tokens": -1}}', "invalid_parameter"),
         ('{"type": "chat", "content": "hi", "session_id": "nope"}', "session_not_found"),
         (json.dumps({"type": "chat", "content": TOO_LONG}), "context_length_exceeded"),

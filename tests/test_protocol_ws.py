@@ -99,10 +99,17 @@ def test_cancel_frames() -> None:
         ('{"type": "chat", "content": "x", "params": {"max_tokens": "8"}}', "invalid_parameter"),
         ('{"type": "chat", "content": "x", "params": {"top_p": -1}}', "invalid_parameter"),
         ('{"type": "chat", "content": "x", "params": {"stop": [1]}}', "invalid_parameter"),
+        ('{"type": "chat", "content": "x", "max_tokens": 8}', "invalid_field"),
     ],
 )
 def test_bad_frames(text: str, code: str) -> None:
     assert refused(text).code == code
+
+
+def test_a_parameter_outside_params_is_refused_not_ignored() -> None:
+    err = refused('{"type": "chat", "id": "m", "content": "x", "temperature": 0}')
+    assert (err.code, err.frame_id) == ("invalid_field", "m")
+    assert "'temperature' belongs in 'params'" in err.message
 
 
 def test_errors_name_the_message_they_refuse() -> None:

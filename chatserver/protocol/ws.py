@@ -29,6 +29,9 @@ Server -> client::
     {"type": "error", "id"?: str, "code": str, "message": str, "retry_after"?: int,
      "request_id"?: str}
 
+A sampling parameter outside ``params`` (``{"type": "chat", "max_tokens": 8}``)
+is an ``invalid_field`` error, not ignored.
+
 ``retry_after`` (whole seconds) comes with codes a client should retry later:
 ``server_busy`` and ``rate_limited``.
 
@@ -241,6 +244,16 @@ def parse_client_frame(text: str, max_bytes: int, *, auth: bool = False) -> Clie
             "unknown_type", f"unknown frame type {kind!r}; expected {expected}", frame_id
         )
 
+    # A sampling parameter beside "content" would otherwise be ignored without a word
+    # (a reply of the default length where the client asked for 32 tokens).
+    misplaced = sorted(PARAM_NAMES & set(obj))
+    if misplaced:
+        name = misplaced[0]
+        raise FrameError(
+            "invalid_field",
+            f'{name!r} belongs in \'params\': {{"params": {{"{name}": ...}}}}',
+            frame_id,
+        )
     content = obj.get("content")
     if not isinstance(content, str) or not content:
         raise FrameError("invalid_field", "'content' must be a non-empty string", frame_id)

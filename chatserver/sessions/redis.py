@@ -124,6 +124,7 @@ class RedisSessionStore(SessionStore):
         self.lock_ttl = lock_ttl
         self._turns = TurnLocks()
         self._background: set[asyncio.Task[None]] = set()
+        self._retries: set[asyncio.Task[None]] = set()  # locks Redis did not take back
         # With a timeout a stalled Redis raises (SessionStoreUnavailable) instead
         # of holding every request that touches a session.
         self._redis = aioredis.Redis.from_url(
@@ -288,10 +289,33 @@ class RedisSessionStore(SessionStore):
                 log.warning("could not renew a session's turn lock: %s", exc)
 
     async def _unlock(self, key: str, token: str) -> None:
+        """Give the lock back; if Redis does not answer, keep trying in the background.
+
+        A lock left behind holds the session's next turn until it expires (up to
+        `lock_ttl`), though Redis may be back within a second
+        (tests/test_sessions.py, the stalled-Redis test).
+        """
         try:
             await self._release_script(keys=[key], args=[token])
-        except RedisError as exc:  # it expires by itself
-            log.warning("could not release a session's turn lock: %s", exc)
+        except RedisError:
+            expires = asyncio.get_running_loop().time() + self.lock_ttl
+            retry = asyncio.create_task(self._unlock_until(key, token, expires))
+            self._retries.add(retry)
+            retry.add_done_callback(self._retries.discard)
+
+    async def _unlock_until(self, key: str, token: str, expires: float) -> None:
+        loop = asyncio.get_running_loop()
+        pause = LOCK_RETRY_S[1]
+        while True:
+            await asyncio.sleep(pause)
+            try:
+                await self._release_script(keys=[key], args=[token])
+                return
+            except RedisError as exc:
+                if loop.time() + 2 * pause >= expires:  # it expires by itself
+                    log.warning("could not release a session's turn lock: %s", exc)
+                    return
+            pause = min(2 * pause, 1.0)
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run `work` to its end even if whoever started it is cancelled."""
@@ -349,6 +373,8 @@ class RedisSessionStore(SessionStore):
         )
 
     async def close(self) -> None:
+        for retry in self._retries:  # those locks expire by themselves
+            retry.cancel()
         if self._background:  # locks being given back
             await asyncio.wait(self._background, timeout=self.lock_ttl)
         await self._redis.aclose()
