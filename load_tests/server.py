@@ -43,9 +43,11 @@ class LaunchedServer:
         ready_timeout: float = 300.0,
         stop_timeout: float = 30.0,
         env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
     ) -> None:
         self.args = list(args)
         self.env = {**os.environ, **(env or {})}
+        self.cwd = cwd  # another checkout: `-m chatserver` imports the one in cwd first
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ready_timeout = ready_timeout
@@ -90,6 +92,7 @@ class LaunchedServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self.env,
+                cwd=self.cwd,
             )
         return self
 

@@ -98,7 +98,7 @@ def test_retry_after_follows_the_drain_rate():
 @pytest.fixture(scope="module")
 def small_server():
     proc = ServerProcess(
-        "--max-running", "4", "--max-queue", "4", "--log-level", "warning"
+        "--max-running", "4", "--max-queue", "4", "--skip-quality-gate", "--log-level", "warning"
     ).wait_ready()
     yield proc
     proc.stop()
@@ -115,6 +115,7 @@ def deadline_server():
         "2",
         "--keepalive-interval",
         "0.2",
+        "--skip-quality-gate",
         "--log-level",
         "warning",
     ).wait_ready()

@@ -49,7 +49,7 @@ async def wait_until_ready(http: aiohttp.ClientSession, proc: ServerProcess) -> 
 
 
 async def test_readiness_and_graceful_shutdown() -> None:
-    proc = ServerProcess("--shutdown-timeout", "2", "--log-level", "warning")
+    proc = ServerProcess("--shutdown-timeout", "2", "--skip-quality-gate", "--log-level", "warning")
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
             statuses = await wait_until_ready(http, proc)

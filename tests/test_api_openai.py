@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +29,11 @@ async def client(server: ServerProcess) -> AsyncIterator[AsyncOpenAI]:
         yield c
 
 
-@pytest.fixture(scope="module")
-def float32_server() -> Iterator[ServerProcess]:
-    """For tests that compare greedy texts: the int8 and bf16 paths are not invariant
-    to how a prompt's computation is split (batch, cached prefix; README Precision)."""
-    proc = ServerProcess("--dtype", "float32", "--log-level", "warning").wait_ready()
-    yield proc
-    proc.stop()
-
-
 @pytest.fixture
-async def exact_client(float32_server: ServerProcess) -> AsyncIterator[AsyncOpenAI]:
+async def exact_client(exact_server: ServerProcess) -> AsyncIterator[AsyncOpenAI]:
+    """For tests that compare greedy texts: the shared float32 server (conftest)."""
     async with AsyncOpenAI(
-        base_url=float32_server.url + "/v1", api_key="x", max_retries=0, timeout=120
+        base_url=exact_server.url + "/v1", api_key="x", max_retries=0, timeout=120
     ) as c:
         yield c
 

@@ -8,9 +8,8 @@ import time
 from typing import Any
 
 import aiohttp
-import websockets
 
-from tests.serverproc import ServerProcess, generations, wait_no_generations
+from tests.serverproc import ServerProcess, generations, open_ws, wait_no_generations
 
 TIMEOUT = 120.0
 
@@ -48,7 +47,7 @@ async def history(server: ServerProcess, session_id: str) -> list[dict[str, Any]
 
 
 async def test_reply_streams_tokens_then_done(server: ServerProcess) -> None:
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         await send(ws, type="chat", content="Say hello.", id="m1", params={"max_tokens": 12})
         text, done, frames = await answer(ws, "m1")
     assert frames[0]["type"] == "session" and frames[0]["session_id"]
@@ -62,7 +61,7 @@ async def test_reply_streams_tokens_then_done(server: ServerProcess) -> None:
 
 
 async def test_server_assigns_ids(server: ServerProcess) -> None:
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         await send(ws, type="chat", content="Hi", params={"max_tokens": 4})
         frames = [await recv(ws)]
         while frames[-1]["type"] != "done":
@@ -72,7 +71,7 @@ async def test_server_assigns_ids(server: ServerProcess) -> None:
 
 
 async def test_session_remembers_earlier_turns(server: ServerProcess) -> None:
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         await send(
             ws,
             type="chat",
@@ -100,11 +99,11 @@ async def test_session_remembers_earlier_turns(server: ServerProcess) -> None:
 
 
 async def test_resume_session_on_connect(server: ServerProcess) -> None:
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         await send(ws, type="chat", id="a", content="Hi", params={"max_tokens": 4})
         _, _, frames = await answer(ws, "a")
     session_id = frames[0]["session_id"]
-    async with websockets.connect(ws_url(server, f"?session_id={session_id}")) as ws:
+    async with open_ws(ws_url(server, f"?session_id={session_id}")) as ws:
         assert await recv(ws) == {"type": "session", "session_id": session_id}
         await send(ws, type="chat", id="b", content="Hello again", params={"max_tokens": 4})
         _, done, frames = await answer(ws, "b")
@@ -113,7 +112,7 @@ async def test_resume_session_on_connect(server: ServerProcess) -> None:
 
 
 async def test_resume_unknown_session_keeps_socket_usable(server: ServerProcess) -> None:
-    async with websockets.connect(ws_url(server, "?session_id=nope")) as ws:
+    async with open_ws(ws_url(server, "?session_id=nope")) as ws:
         err = await recv(ws)
         assert err["type"] == "error" and err["code"] == "session_not_found"
         await send(ws, type="chat", id="a", content="Hi", params={"max_tokens": 4})
@@ -123,7 +122,7 @@ async def test_resume_unknown_session_keeps_socket_usable(server: ServerProcess)
 
 
 async def test_chat_naming_unknown_session(server: ServerProcess) -> None:
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         await send(ws, type="chat", id="a", content="Hi", session_id="missing")
         err = await recv(ws)
         assert (err["type"], err["id"], err["code"]) == ("error", "a", "session_not_found")
@@ -131,7 +130,7 @@ async def test_chat_naming_unknown_session(server: ServerProcess) -> None:
 
 
 async def test_cancel_running_then_socket_answers_again(server: ServerProcess) -> None:
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         await send(ws, type="chat", id="long", content="Count to 100.", params={"max_tokens": 200})
         session = await recv(ws)
         first = await recv(ws)
@@ -155,7 +154,7 @@ async def test_cancel_running_then_socket_answers_again(server: ServerProcess) -
 
 
 async def test_cancel_without_id_cancels_running(server: ServerProcess) -> None:
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         await send(ws, type="chat", id="x", content="Count to 100.", params={"max_tokens": 200})
         while (await recv(ws))["type"] != "token":
             pass
@@ -171,7 +170,7 @@ async def test_cancel_without_id_cancels_running(server: ServerProcess) -> None:
 
 
 async def test_queued_messages_answered_in_order(server: ServerProcess) -> None:
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         for i in range(3):
             await send(ws, type="chat", id=f"q{i}", content=f"Say {i}.", params={"max_tokens": 6})
         _, _, frames = await answer(ws, "q2")
@@ -184,7 +183,7 @@ async def test_queued_messages_answered_in_order(server: ServerProcess) -> None:
 
 
 async def test_cancel_queued_message(server: ServerProcess) -> None:
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         await send(ws, type="chat", id="a", content="Count to 50.", params={"max_tokens": 24})
         await send(ws, type="chat", id="b", content="Say b.", params={"max_tokens": 6})
         await send(ws, type="chat", id="c", content="Say c.", params={"max_tokens": 6})
@@ -199,7 +198,7 @@ async def test_cancel_queued_message(server: ServerProcess) -> None:
 
 
 async def test_duplicate_id_refused(server: ServerProcess) -> None:
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         await send(ws, type="chat", id="d", content="Count to 30.", params={"max_tokens": 16})
         await send(ws, type="chat", id="d", content="Again", params={"max_tokens": 4})
         frames = []
@@ -211,7 +210,7 @@ async def test_duplicate_id_refused(server: ServerProcess) -> None:
 
 
 async def test_queue_full(server: ServerProcess) -> None:
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         # One running and 16 waiting (settings.ws_queue) fit; the 18th is refused.
         for i in range(18):
             await send(
@@ -223,7 +222,7 @@ async def test_queue_full(server: ServerProcess) -> None:
         err = frames[-1]
         assert (err["id"], err["code"]) == ("m17", "queue_full")
     # Closing the socket dropped the queue and cancelled the running reply.
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         await send(ws, type="chat", id="after", content="Hi", params={"max_tokens": 4})
         _, done, _ = await answer(ws, "after")
         assert done["type"] == "done"
@@ -232,7 +231,7 @@ async def test_queue_full(server: ServerProcess) -> None:
 async def test_disconnect_mid_stream_cancels_and_server_keeps_serving(
     server: ServerProcess,
 ) -> None:
-    ws = await websockets.connect(ws_url(server))
+    ws = await open_ws(ws_url(server))
     await send(ws, type="chat", id="gone", content="Count to 100.", params={"max_tokens": 200})
     session = await recv(ws)
     assert (await recv(ws))["type"] == "token"
@@ -242,14 +241,14 @@ async def test_disconnect_mid_stream_cancels_and_server_keeps_serving(
     await wait_no_generations(server)
     messages = await history(server, session["session_id"])
     assert messages[1]["cancelled"] is True
-    async with websockets.connect(ws_url(server)) as ws2:
+    async with open_ws(ws_url(server)) as ws2:
         await send(ws2, type="chat", id="next", content="Say yes.", params={"max_tokens": 6})
         _, done, _ = await answer(ws2, "next")
         assert done["finish_reason"] in ("stop", "length")
 
 
 async def test_session_deleted_under_the_socket(server: ServerProcess) -> None:
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         await send(ws, type="chat", id="a", content="Hi", params={"max_tokens": 4})
         _, _, frames = await answer(ws, "a")
         old = frames[0]["session_id"]

@@ -12,7 +12,9 @@ from tests.serverproc import ServerProcess
 
 
 async def test_shutdown_finishes_within_its_timeout():
-    proc = ServerProcess("--shutdown-timeout", "2", "--log-level", "warning").wait_ready()
+    proc = ServerProcess(
+        "--shutdown-timeout", "2", "--skip-quality-gate", "--log-level", "warning"
+    ).wait_ready()
     try:
         async with aiohttp.ClientSession() as http:
             # Sockets whose clients never read, and a reply that would run for long.
@@ -59,7 +61,9 @@ async def test_shutdown_finishes_within_its_timeout():
 
 
 async def test_a_second_signal_exits_at_once():
-    proc = ServerProcess("--shutdown-timeout", "20", "--log-level", "warning").wait_ready()
+    proc = ServerProcess(
+        "--shutdown-timeout", "20", "--skip-quality-gate", "--log-level", "warning"
+    ).wait_ready()
     try:
         async with aiohttp.ClientSession() as http:
             body = {

@@ -16,14 +16,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-import websockets
 from transformers import AutoTokenizer
 
 from chatserver.api.chat.serving import ToolAnswers, pending_calls
 from chatserver.config import Settings
 from chatserver.models.prompt import render
 from chatserver.models.tools import ToolChoice
-from tests.serverproc import ServerProcess, server_pair
+from tests.serverproc import ServerProcess, open_ws, server_pair
 from tests.test_api_ws import recv, send, ws_url
 
 SYSTEM = {"role": "system", "content": Settings().system_prompt}
@@ -91,8 +90,8 @@ async def two_clients_at_once(
     sid = start["session_id"]
     asks = {"A": "Name three colours.", "B": "Name three animals."}
     async with (
-        websockets.connect(ws_url(one, f"?session_id={sid}")) as ws_a,
-        websockets.connect(ws_url(other, f"?session_id={sid}")) as ws_b,
+        open_ws(ws_url(one, f"?session_id={sid}")) as ws_a,
+        open_ws(ws_url(other, f"?session_id={sid}")) as ws_b,
     ):
         for ws in (ws_a, ws_b):
             assert (await recv(ws))["type"] == "session"
@@ -139,7 +138,7 @@ async def test_a_message_cancelled_before_it_starts_stores_nothing(
 ) -> None:
     start = await query(http, server, message="Hi", max_tokens=4)
     sid = start["session_id"]
-    async with websockets.connect(ws_url(server, f"?session_id={sid}")) as ws:
+    async with open_ws(ws_url(server, f"?session_id={sid}")) as ws:
         assert (await recv(ws))["type"] == "session"
         for i in range(3):
             # The cancel lands while the message is being started (its session
@@ -160,12 +159,12 @@ async def test_a_message_waiting_for_a_busy_session_can_be_cancelled(
     start = await query(http, server, message="Hi", max_tokens=4)
     sid = start["session_id"]
     async with (
-        websockets.connect(ws_url(server, f"?session_id={sid}")) as busy,
-        websockets.connect(ws_url(server, f"?session_id={sid}")) as waiting,
+        open_ws(ws_url(server, f"?session_id={sid}")) as busy,
+        open_ws(ws_url(server, f"?session_id={sid}")) as waiting,
     ):
         for ws in (busy, waiting):
             assert (await recv(ws))["type"] == "session"
-        await send(busy, type="chat", id="long", content=STORY, params={"max_tokens": 160})
+        await send(busy, type="chat", id="long", content=STORY, params={"max_tokens": 80})
         while (first := await recv(busy))["type"] != "token":
             pass
         long_turn = asyncio.create_task(timed_answer(busy, "long"))
@@ -204,9 +203,9 @@ async def test_a_message_too_long_for_any_prompt_does_not_wait_for_its_session(
 ) -> None:
     """More characters than the context could hold: refused at once, the session never locked."""
     sid = (await query(http, server, message="Hi", max_tokens=4))["session_id"]
-    async with websockets.connect(ws_url(server, f"?session_id={sid}")) as busy:
+    async with open_ws(ws_url(server, f"?session_id={sid}")) as busy:
         assert (await recv(busy))["type"] == "session"
-        await send(busy, type="chat", id="long", content=STORY, params={"max_tokens": 160})
+        await send(busy, type="chat", id="long", content=STORY, params={"max_tokens": 80})
         while (await recv(busy))["type"] != "token":
             pass
         long_turn = asyncio.create_task(timed_answer(busy, "long"))

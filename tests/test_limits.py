@@ -55,6 +55,7 @@ def tight() -> Iterator[ServerProcess]:
         "--ws-heartbeat", "0.5",
         "--max-frame-bytes", str(FRAME),
         "--max-body-bytes", "2048",
+        "--skip-quality-gate",
         "--log-level", "warning",
     ).wait_ready()  # fmt: skip
     yield proc

@@ -13,7 +13,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import websockets
 
 from chatserver.protocol.ws import FrameError, ResumeFrame, parse_client_frame
 from chatserver.sessions.live import (
@@ -24,7 +23,7 @@ from chatserver.sessions.live import (
     ReplyPublisher,
     coalesce,
 )
-from tests.serverproc import ServerProcess, delete_redis_keys, redis_pair
+from tests.serverproc import ServerProcess, delete_redis_keys, open_ws, redis_pair
 
 TIMEOUT = 120.0
 PREFIX = f"chatserver-test-live-{uuid.uuid4().hex[:8]}:"
@@ -301,11 +300,11 @@ async def test_session_started_on_a_continues_on_b(
     pair: tuple[ServerProcess, ServerProcess],
 ) -> None:
     a, b = pair
-    async with websockets.connect(ws_url(a)) as ws:
+    async with open_ws(ws_url(a)) as ws:
         await send(ws, type="chat", id="q1", content="My name is Ada.", params={"max_tokens": 8})
         session_id = (await recv(ws))["session_id"]
         first, _, _ = await reply(ws, "q1")
-    async with websockets.connect(ws_url(b, session_id)) as ws:
+    async with open_ws(ws_url(b, session_id)) as ws:
         assert await recv(ws) == {"type": "session", "session_id": session_id}
         await send(ws, type="chat", id="q2", content="What is my name?", params={"max_tokens": 8})
         second, done, _ = await reply(ws, "q2")
@@ -324,8 +323,8 @@ async def test_running_reply_is_delivered_on_both_instances(
     a, b = pair
     session_id = await new_session(a)
     async with (
-        websockets.connect(ws_url(a, session_id)) as on_a,
-        websockets.connect(ws_url(b, session_id)) as on_b,
+        open_ws(ws_url(a, session_id)) as on_a,
+        open_ws(ws_url(b, session_id)) as on_b,
     ):
         for ws in (on_a, on_b):
             assert await recv(ws) == {"type": "session", "session_id": session_id}
@@ -355,7 +354,7 @@ async def test_resume_from_an_offset_on_the_other_instance(
     a, b = pair
     session_id = await new_session(a)
     prompt = "Count from 1 to 40, separated by commas."
-    ws = await websockets.connect(ws_url(a, session_id))
+    ws = await open_ws(ws_url(a, session_id))
     await recv(ws)
     await send(ws, type="chat", id="r1", content=prompt, params={"max_tokens": 64})
     have: list[dict[str, Any]] = []
@@ -366,7 +365,7 @@ async def test_resume_from_an_offset_on_the_other_instance(
     ws.transport.abort()  # the network goes away mid-reply
     offset = sum(len(t["content"]) for t in have)
 
-    async with websockets.connect(ws_url(b)) as again:
+    async with open_ws(ws_url(b)) as again:
         await send(again, type="resume", id="r1", offset=offset, session_id=session_id)
         assert await recv(again) == {"type": "session", "session_id": session_id}
         rest, done, tokens = await reply(again, "r1")
@@ -378,7 +377,7 @@ async def test_resume_from_an_offset_on_the_other_instance(
     assert stored == {"role": "assistant", "content": "".join(t["content"] for t in have) + rest}
 
     # Finished, it still resumes from the channel, from anywhere in it; a is fine too.
-    async with websockets.connect(ws_url(a, session_id)) as again:
+    async with open_ws(ws_url(a, session_id)) as again:
         await recv(again)
         await send(again, type="resume", id="r1", offset=1)
         text, done_again, _ = await reply(again, "r1")
@@ -387,11 +386,11 @@ async def test_resume_from_an_offset_on_the_other_instance(
 
 async def test_resume_errors(pair: tuple[ServerProcess, ServerProcess]) -> None:
     a, b = pair
-    async with websockets.connect(ws_url(b)) as ws:
+    async with open_ws(ws_url(b)) as ws:
         await send(ws, type="chat", id="e1", content="Say yes.", params={"max_tokens": 4})
         session_id = (await recv(ws))["session_id"]
         text, _, _ = await reply(ws, "e1")
-    async with websockets.connect(ws_url(a)) as ws:
+    async with open_ws(ws_url(a)) as ws:
         await send(ws, type="resume", id="e1")  # no session on this socket, none named
         err = await recv(ws)
         assert (err["type"], err["code"], err["id"]) == ("error", "invalid_field", "e1")
@@ -417,7 +416,7 @@ async def test_a_reply_nobody_resumes_is_cancelled_after_the_grace(
 ) -> None:
     a, _ = pair
     session_id = await new_session(a)
-    ws = await websockets.connect(ws_url(a, session_id))
+    ws = await open_ws(ws_url(a, session_id))
     await recv(ws)
     prompt = "Count from 1 to 500, separated by commas."
     # ignore_eos: the reply must outlast the grace whatever the model would say.
@@ -443,8 +442,8 @@ async def test_memory_channel_two_sockets_on_one_server_both_get_the_reply(
 ) -> None:
     session_id = await new_session(server)
     async with (
-        websockets.connect(ws_url(server, session_id)) as first,
-        websockets.connect(ws_url(server, session_id)) as second,
+        open_ws(ws_url(server, session_id)) as first,
+        open_ws(ws_url(server, session_id)) as second,
     ):
         for ws in (first, second):
             await recv(ws)

@@ -412,3 +412,19 @@ def test_random_model_keeps_config_and_tokenizer(model_dir: Path, tmp_path: Path
     while core.has_work:
         tokens += core.step().tokens
     assert len(tokens) == 5
+
+
+def test_startup_times_a_real_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from load_tests import startup
+
+    out = tmp_path / "startup.json"
+    config = "f32=--dtype float32 --max-context 1024"
+    assert startup.main(["--runs", "1", "--config", config, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report)[0] == "machine"
+    [run] = report["runs"]
+    assert run["config"] == "f32" and len(run["seconds"]) == 1 and run["seconds"][0] > 0
+    assert report["precision"]["f32 (this checkout)"]["dtype"] == "float32"
+    printed = capsys.readouterr().out
+    assert "| f32 " in printed and "--dtype float32 --max-context 1024" in printed
+    assert startup.main(["--checkout", str(tmp_path)]) == 2  # no chatserver there

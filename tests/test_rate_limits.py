@@ -15,7 +15,6 @@ import aiohttp
 import openai
 import pytest
 import redis.asyncio as aioredis
-import websockets
 
 from chatserver.config import Settings
 from chatserver.limits.rate import (
@@ -27,7 +26,7 @@ from chatserver.limits.rate import (
     RedisRateLimiter,
     open_rate_limiter,
 )
-from tests.serverproc import ServerProcess, delete_redis_keys
+from tests.serverproc import ServerProcess, delete_redis_keys, open_ws
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -289,7 +288,7 @@ async def test_memory_server_limits_every_entry_point_together(
             model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
         )
         assert reply.choices[0].message.content
-        async with websockets.connect(ws_url) as ws:
+        async with open_ws(ws_url) as ws:
             await ws.send(
                 json.dumps({"type": "chat", "content": "Hi", "params": {"max_tokens": 2}})
             )
@@ -376,7 +375,7 @@ async def test_a_cancelled_reply_is_charged_what_it_generated(
 ) -> None:
     _, a, _ = servers
     chat = {"type": "chat", "content": "Count from 1 to 100.", "params": {"max_tokens": 200}}
-    async with websockets.connect(a.url.replace("http", "ws") + "/ws") as ws:
+    async with open_ws(a.url.replace("http", "ws") + "/ws") as ws:
         await ws.send(json.dumps(chat))
         tokens = 0
         while True:

@@ -43,6 +43,18 @@ PROMPTS = ("Name three colours.", "Count from one to five.", "What is the capita
 RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
+def its_own_reply(reply: str, reference: str) -> bool:
+    """The prompt's greedy reply alone, or the same until a later near tie flipped.
+
+    float32 in a batch differs from alone by rounding only (README, Precision),
+    and that once flipped the greedy choice between end-of-reply and a newline
+    after "The capital of France is Paris.". Tokens of another sequence, the
+    mix-up these tests look for, would part from the reply's first words.
+    """
+    shared = len(os.path.commonprefix([reply, reference]))
+    return reply == reference or shared >= min(len(reference), 24)
+
+
 def ray_processes(temp_dir: Path) -> list[int]:
     """The head's processes (their command lines name its temp dir) and their children."""
     found = []
@@ -102,16 +114,27 @@ def ray_head(tmp_path_factory) -> Iterator[str]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def running(pid: int) -> bool:
+    """Not exited; a zombie not yet reaped has exited."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 def end_processes(temp_dir: Path) -> None:
-    """SIGTERM the head's processes, then SIGKILL what is left 10 s later."""
+    """SIGTERM the head's processes, then SIGKILL what is left 2 s later: its GCS
+    server, raylet and monitor were all still running 10 s after a SIGTERM (an
+    ad-hoc run of this function's steps), which is why `ray stop --force` exists."""
     pids = ray_processes(temp_dir)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}/cmdline").exists() for p in pids):
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and any(map(running, pids)):
         time.sleep(0.2)
     for pid in pids:
         try:
@@ -308,7 +331,7 @@ async def test_two_instances_attach_to_one_actor_and_get_their_own_replies(
         jobs = [(s.url, p) for p in PROMPTS for s in servers]
         replies = await asyncio.gather(*(chat(http, url, p) for url, p in jobs))
         for (url, prompt), reply in zip(jobs, replies, strict=True):
-            assert reply == reference[prompt], (url, prompt, reply)
+            assert its_own_reply(reply, reference[prompt]), (url, prompt, reply)
 
         async def both_see_two() -> bool:
             states = [(await readyz(http, s.url))["workers"][0] for s in servers]
@@ -359,7 +382,7 @@ async def test_killing_the_actor_fails_both_instances_replies_and_both_recover(
         state = await driver.ask("describe")
         assert len(state["instances"]) == 2 and state["actor"] != before, state
         replies = await asyncio.gather(*(chat(http, s.url, PROMPTS[0]) for s in servers))
-        assert replies == [reference[PROMPTS[0]]] * 2
+        assert all(its_own_reply(r, reference[PROMPTS[0]]) for r in replies), replies
 
 
 async def test_an_instance_that_stops_leaves_the_other_serving(servers, driver, reference):
@@ -383,7 +406,7 @@ async def test_an_instance_that_stops_leaves_the_other_serving(servers, driver, 
         assert "error" not in last and last["choices"][0]["finish_reason"] in ("stop", "length")
         await asyncio.gather(streams[0], return_exceptions=True)
         assert (await driver.ask("describe"))["generations"] == 0
-        assert await chat(http, staying.url, PROMPTS[1]) == reference[PROMPTS[1]]
+        assert its_own_reply(await chat(http, staying.url, PROMPTS[1]), reference[PROMPTS[1]])
 
 
 async def test_a_vanished_instance_is_detached_when_its_lease_lapses(
@@ -409,6 +432,7 @@ async def test_a_vanished_instance_is_detached_when_its_lease_lapses(
 
             await wait_for(detached, "the vanished instance was never detached", LEASE_S + 10)
             assert time.monotonic() - vanished > LEASE_S / 2  # the lease, not something sooner
-            assert await chat(http, staying.url, PROMPTS[2]) == reference[PROMPTS[2]]
+            reply = await chat(http, staying.url, PROMPTS[2])
+            assert its_own_reply(reply, reference[PROMPTS[2]]), reply
     finally:
         gone.stop()

@@ -18,9 +18,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-import websockets
 
-from tests.serverproc import ServerProcess, generations, wait_no_generations
+from tests.serverproc import ServerProcess, generations, open_ws, wait_no_generations
 
 pytestmark = pytest.mark.ray
 
@@ -120,7 +119,7 @@ async def test_a_streamed_reply_comes_from_a_ray_actor(ray_server):
 
 async def test_a_client_that_leaves_frees_its_sequence_in_the_actor(ray_server):
     url = ray_server.url.replace("http://", "ws://") + "/ws"
-    ws = await websockets.connect(url)
+    ws = await open_ws(url)
     frame = {"type": "chat", "id": "gone", "content": "Count to 300.", "params": {}}
     frame["params"]["max_tokens"] = 400
     await ws.send(json.dumps(frame))

@@ -13,7 +13,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import websockets
 
 from chatserver.api.request_id import (
     TEXT_FORMAT,
@@ -22,7 +21,7 @@ from chatserver.api.request_id import (
     choose_request_id,
     current_request_id,
 )
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, open_ws
 
 HEADER = "X-Request-Id"
 GENERATED = re.compile(r"[0-9a-f]{32}")
@@ -31,7 +30,9 @@ GENERATED = re.compile(r"[0-9a-f]{32}")
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
     """JSON logs at info, so the access log line of each request is there to find."""
-    proc = ServerProcess("--log-level", "info", "--log-format", "json").wait_ready()
+    proc = ServerProcess(
+        "--log-level", "info", "--log-format", "json", "--skip-quality-gate"
+    ).wait_ready()
     yield proc
     proc.stop()
 
@@ -115,7 +116,7 @@ async def test_error_bodies_carry_the_id_in_both_shapes(
 
 async def test_websocket_error_frames_carry_the_upgrade_id(server: ServerProcess) -> None:
     url = server.url.replace("http://", "ws://") + "/ws"
-    async with websockets.connect(url, additional_headers={HEADER: "ws-7"}) as ws:
+    async with open_ws(url, additional_headers={HEADER: "ws-7"}) as ws:
         assert ws.response.headers[HEADER] == "ws-7"
         await ws.send("not json")
         frame = json.loads(await asyncio.wait_for(ws.recv(), 30))

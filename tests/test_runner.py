@@ -174,7 +174,8 @@ def test_reduced_precision_quality(hf_model, tokenizer, path, model_dir):
     config = WorkerConfig(
         str(model_dir), "m", "cpu", dtype, 1024, 4, 512, 2, int8_kernels=kernels or "auto"
     )
-    core, _ = build_core(0, config)
+    # The gate's probe is a quarter of this test's; test_quality_gate.py runs the gate.
+    core, _ = build_core(0, dataclasses.replace(config, skip_quality_gate=True))
     for chunk in (None, 1):
         reduced = math.exp(core.runner.score(ids, chunk=chunk))
         assert reduced / fp32 < 1.05, f"{path} chunk={chunk}: {reduced:.2f} vs fp32 {fp32:.2f}"

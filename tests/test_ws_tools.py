@@ -19,9 +19,8 @@ import aiohttp
 import jsonschema
 import pytest
 import redis
-import websockets
 
-from tests.serverproc import ServerProcess, redis_pair
+from tests.serverproc import ServerProcess, open_ws, redis_pair
 
 TIMEOUT = 120.0
 PREFIX = f"chatserver-test-wstools-{uuid.uuid4().hex[:8]}:"
@@ -137,7 +136,7 @@ async def error(ws: Any, **frame: Any) -> dict[str, Any]:
 
 
 async def test_named_call_then_results_continue_the_reply(server: ServerProcess) -> None:
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         await send(
             ws,
             type="chat",
@@ -177,7 +176,7 @@ async def test_named_call_then_results_continue_the_reply(server: ServerProcess)
 
 
 async def test_required_without_parallel_makes_one_call(server: ServerProcess) -> None:
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         calls, _ = await call_turn(
             ws,
             "r1",
@@ -195,7 +194,7 @@ async def test_required_without_parallel_makes_one_call(server: ServerProcess) -
 async def test_tool_choice_none_lists_no_tools_and_replies_in_text(
     server: ServerProcess,
 ) -> None:
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         await send(
             ws,
             type="chat",
@@ -239,7 +238,7 @@ async def test_tool_choice_none_lists_no_tools_and_replies_in_text(
 async def test_bad_tools_are_error_frames_and_the_socket_serves_on(
     server: ServerProcess, chat: dict[str, Any], starts: str
 ) -> None:
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         got = await error(ws, type="chat", id="b1", content="hi", **chat)
         assert (got["code"], got["id"]) == ("invalid_field", "b1")
         assert got["message"].startswith(starts), got["message"]
@@ -259,14 +258,14 @@ async def test_a_schema_the_grammar_cannot_take_is_an_error_frame(
             },
         }
     ]
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         got = await error(ws, type="chat", id="g1", content="hi", tools=bad, tool_choice="required")
         assert (got["code"], got["id"]) == ("invalid_field", "g1")
         assert got["message"].startswith("tools: ")
 
 
 async def test_bad_results_are_error_frames(server: ServerProcess) -> None:
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         # No calls pending at all (no session yet).
         got = await error(
             ws, type="tool_results", id="x", results=[{"tool_call_id": "call_x", "content": "1"}]
@@ -302,7 +301,7 @@ async def test_bad_results_are_error_frames(server: ServerProcess) -> None:
 
 
 async def test_a_chat_message_abandons_pending_calls(server: ServerProcess) -> None:
-    async with websockets.connect(ws_url(server)) as ws:
+    async with open_ws(ws_url(server)) as ws:
         calls, _ = await call_turn(ws, "a1", content="Weather in Lima?", tool_choice=NAMED)
         await send(ws, type="chat", id="a2", content="Never mind.", params={"max_tokens": 4})
         assert (await until_end(ws, "a2"))[-1]["type"] == "done"
@@ -323,9 +322,9 @@ async def test_calls_made_on_a_are_answered_on_b_and_seen_live(
     pair: tuple[ServerProcess, ServerProcess],
 ) -> None:
     a, b = pair
-    async with websockets.connect(ws_url(a)) as on_a:
+    async with open_ws(ws_url(a)) as on_a:
         session_id = await open_session(on_a)
-        async with websockets.connect(ws_url(b, session_id)) as watcher:
+        async with open_ws(ws_url(b, session_id)) as watcher:
             assert (await recv(watcher))["type"] == "session"
             calls, _ = await call_turn(on_a, "h1", content="Weather in Kyiv?", tool_choice=NAMED)
             seen = await until_end(watcher, "h1")
@@ -333,7 +332,7 @@ async def test_calls_made_on_a_are_answered_on_b_and_seen_live(
             assert seen[-2] == {"type": "tool_calls", "id": "h1", "calls": calls}
             assert seen[-1]["finish_reason"] == "tool_calls"
     # The client reconnects to b: the calls are the session's, answered there.
-    async with websockets.connect(ws_url(b, session_id)) as on_b:
+    async with open_ws(ws_url(b, session_id)) as on_b:
         assert (await recv(on_b))["type"] == "session"
         await send(on_b, type="tool_results", id="h2", results=results(calls, "-3 C"))
         assert (await until_end(on_b, "h2"))[-1]["type"] == "done"
@@ -358,10 +357,10 @@ async def test_resume_on_b_replays_the_tool_calls_frame(
     pair: tuple[ServerProcess, ServerProcess],
 ) -> None:
     a, b = pair
-    async with websockets.connect(ws_url(a)) as on_a:
+    async with open_ws(ws_url(a)) as on_a:
         session_id = await open_session(on_a)
         calls, _ = await call_turn(on_a, "t1", content="Weather in Cairo?", tool_choice=NAMED)
-    async with websockets.connect(ws_url(b, session_id)) as on_b:
+    async with open_ws(ws_url(b, session_id)) as on_b:
         assert (await recv(on_b))["type"] == "session"
         await send(on_b, type="resume", id="t1")
         replay = await until_end(on_b, "t1")
@@ -375,7 +374,7 @@ async def test_missing_results_are_refused_and_a_batch_answers_every_call(
     """A reply with two calls (the second planted in the stored message, in Redis: the
     model may or may not make two): a batch with one is missing_tool_results."""
     a, b = pair
-    async with websockets.connect(ws_url(a)) as on_a:
+    async with open_ws(ws_url(a)) as on_a:
         await send(
             on_a,
             type="chat",
@@ -398,7 +397,7 @@ async def test_missing_results_are_refused_and_a_batch_answers_every_call(
         client.lset(key, -1, json.dumps(last))
     finally:
         client.close()
-    async with websockets.connect(ws_url(b, session_id)) as on_b:
+    async with open_ws(ws_url(b, session_id)) as on_b:
         assert (await recv(on_b))["type"] == "session"
         got = await error(on_b, type="tool_results", id="p2", results=results([call]))
         assert got["code"] == "missing_tool_results" and second["id"] in got["message"]

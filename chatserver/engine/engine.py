@@ -62,7 +62,7 @@ from chatserver.engine.logprobs import TokenLogprob, TokenTexts
 from chatserver.engine.types import Prompt
 from chatserver.limits.admission import AdmissionQueue, Ticket
 from chatserver.metrics import Metrics
-from chatserver.models.loading import ModelSource, load_tokenizer, resolve_model
+from chatserver.models.loading import ModelSource, load_tokenizer, model_config, resolve_model
 from chatserver.models.prompt import build_prompt
 from chatserver.models.tools import Tool
 from chatserver.protocol.sampling import RequestParams
@@ -378,21 +378,21 @@ class InferenceEngine:
         )
 
     def _load_tokenizer(self) -> None:
-        from transformers import AutoConfig, GenerationConfig
+        from transformers import GenerationConfig
 
         assert self._source is not None
         self.tokenizer = load_tokenizer(self._source)
         # A token decodes to at most this many characters: the cheap bound
         # build_prompt checks before tokenizing anything.
         self.max_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=0)
-        config = AutoConfig.from_pretrained(self._source.path)
-        model_ctx = getattr(config, "max_position_embeddings", None) or self.settings.max_context
+        config = model_config(self._source)
+        model_ctx = config.get("max_position_embeddings") or self.settings.max_context
         self.max_context = min(self.settings.max_context, model_ctx)
         try:
             gen = GenerationConfig.from_pretrained(self._source.path)
         except OSError:
             gen = GenerationConfig()
-        eos = gen.eos_token_id if gen.eos_token_id is not None else config.eos_token_id
+        eos = gen.eos_token_id if gen.eos_token_id is not None else config.get("eos_token_id")
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(self.tokenizer.eos_token_id)

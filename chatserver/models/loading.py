@@ -7,6 +7,7 @@ error says so instead of a stack of HTTP retries).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -72,11 +73,44 @@ def load_tokenizer(source: ModelSource) -> Any:
         os.environ["HF_HUB_OFFLINE"] = "1"
         constants.HF_HUB_OFFLINE = True
     try:
+        named = _named_tokenizer_class(source)
+        if named is not None:
+            return named.from_pretrained(source.path)
         return AutoTokenizer.from_pretrained(source.path)
     except OSError as exc:
         if source.local:
             raise
         raise _hub_error(source, exc) from exc
+
+
+def _named_tokenizer_class(source: ModelSource) -> Any:
+    """The tokenizer class a local directory's tokenizer_config.json names, or None.
+
+    AutoTokenizer first builds the model's config class, which imports
+    transformers' modeling code (torch.distributed among it), on every server
+    start, for a tokenizer that needs only its own files (README, "Server start").
+    """
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    config = Path(source.path) / "tokenizer_config.json"
+    if not source.local or not config.is_file():
+        return None
+    try:
+        settings = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    name = settings.get("tokenizer_class") if isinstance(settings, dict) else None
+    if not isinstance(name, str) or "auto_map" in settings:
+        return None  # no class named, or remote code: AutoTokenizer knows the rules
+    return tokenizer_class_from_name(name)
+
+
+def model_config(source: ModelSource) -> dict[str, Any]:
+    """The model's config.json as a dict, without importing its config class."""
+    from transformers import PreTrainedConfig
+
+    config, _ = PreTrainedConfig.get_config_dict(source.path)
+    return config
 
 
 def load_model(source: ModelSource, dtype: Any, device: str) -> Any:

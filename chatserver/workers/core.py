@@ -206,7 +206,8 @@ def build_core(worker_id: int, config: WorkerConfig) -> tuple[WorkerCore, Worker
         torch.set_num_threads(config.threads)
     cpu = cpu_features.detect()
     chain = precision.candidates(config.dtype, config.device, cpu, config.int8_kernels)
-    gated = not config.skip_quality_gate
+    # float32 is the reference itself: a chain of float32 alone has nothing to gate.
+    gated = not config.skip_quality_gate and any(not c.is_reference for c in chain)
     source = ModelSource(config.model_id, config.model_path, True)
     # The gate's reference and the int8 kernels both start from float32 weights.
     load_dtype = torch.float32 if gated or len(chain) > 1 else chain[0].load_dtype
