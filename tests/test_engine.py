@@ -19,12 +19,6 @@ from tests.serverproc import ServerProcess
 PROMPT = "Write a haiku about the sea."
 
 
-@pytest.fixture(scope="module")
-def fp32_server(exact_server: ServerProcess) -> ServerProcess:
-    """The shared float32 server (conftest): greedy text equals transformers' generate."""
-    return exact_server
-
-
 async def complete(http: aiohttp.ClientSession, url: str, content: str, max_tokens: int) -> dict:
     body = {
         "model": "SmolLM2-135M-Instruct",
@@ -38,11 +32,11 @@ async def complete(http: aiohttp.ClientSession, url: str, content: str, max_toke
 
 
 async def test_greedy_is_deterministic_and_equals_transformers_generate(
-    fp32_server, model_dir: Path
+    exact_server, model_dir: Path
 ):
     async with aiohttp.ClientSession() as http:
-        first = await complete(http, fp32_server.url, PROMPT, 24)
-        second = await complete(http, fp32_server.url, PROMPT, 24)
+        first = await complete(http, exact_server.url, PROMPT, 24)
+        second = await complete(http, exact_server.url, PROMPT, 24)
     text = first["choices"][0]["message"]["content"]
     assert text == second["choices"][0]["message"]["content"]
 
@@ -60,11 +54,11 @@ async def test_greedy_is_deterministic_and_equals_transformers_generate(
     assert first["usage"]["prompt_tokens"] == ids.shape[1]
 
 
-async def test_healthz_answers_quickly_while_workers_are_busy(fp32_server):
+async def test_healthz_answers_quickly_while_workers_are_busy(exact_server):
     async with aiohttp.ClientSession() as http:
         load = [
             asyncio.create_task(
-                complete(http, fp32_server.url, f"Count from {i} to 100 in words.", 48)
+                complete(http, exact_server.url, f"Count from {i} to 100 in words.", 48)
             )
             for i in range(8)
         ]
@@ -72,7 +66,7 @@ async def test_healthz_answers_quickly_while_workers_are_busy(fp32_server):
         latencies = []
         while not all(t.done() for t in load) and len(latencies) < 40:
             started = time.perf_counter()
-            async with http.get(fp32_server.url + "/healthz") as resp:
+            async with http.get(exact_server.url + "/healthz") as resp:
                 assert resp.status == 200
             latencies.append(time.perf_counter() - started)
             await asyncio.sleep(0.05)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from chatserver.models.loading import ModelSource, load_model
+from chatserver.models.loading import ModelSource, load_model, load_tokenizer
 from chatserver.models.sampling import Sampler
 from chatserver.protocol.worker import (
     CancelRequest,
@@ -293,9 +293,7 @@ def load_failure(worker_id: int, exc: Exception) -> WorkerFailed:
 
 def _probe_from(model_path: str) -> list[int]:
     """The probe for callers that did not send one (benchmarks, tests building a core)."""
-    from transformers import AutoTokenizer
-
-    return quality_gate.probe_ids(AutoTokenizer.from_pretrained(model_path))
+    return quality_gate.probe_ids(load_tokenizer(ModelSource(model_path, model_path, True)))
 
 
 def _runner_for(

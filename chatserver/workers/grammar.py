@@ -177,9 +177,10 @@ class GrammarBook:
 
     def _load(self) -> None:
         try:
-            from transformers import AutoTokenizer
+            from chatserver.models.loading import ModelSource, load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            path = self.tokenizer_path
+            tokenizer = load_tokenizer(ModelSource(path, path, True))
             self._compiler = GrammarCompiler(tokenizer)
         except Exception as exc:  # the constrained sequences fail; the others never notice
             log.exception("grammar tokenizer failed to load")
