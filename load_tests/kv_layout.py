@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from load_tests.machine import describe_machine, machine
+from load_tests.machine import add_timing_arguments, start_timing
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 SHAPES = ((1, 256), (16, 256), (16, 1024), (4, 2048), (32, 512))  # (sequences, positions)
@@ -73,14 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m load_tests.kv_layout", description=__doc__)
     p.add_argument("--dtype", choices=("bfloat16", "float32", "both"), default="both")
     p.add_argument("--block", type=int, default=16, help="paged cache block size")
-    p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    p.add_argument("--json", help="write the rows here")
+    add_timing_arguments(p, repeats=50)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = machine()
-    print(describe_machine(info))
+    info = start_timing(args)
     dtypes = ("bfloat16", "float32") if args.dtype == "both" else (args.dtype,)
     rows = [
         measure(n, length, getattr(torch, name), args.block, args.repeats)

@@ -8,6 +8,7 @@ capability and, where a server is measured, the precision it actually served
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import urllib.request
@@ -54,3 +55,21 @@ def describe_precision(precision: dict[str, Any]) -> str:
         f"precision: {precision.get('dtype')} (kernels {precision.get('kernels')}) on "
         f"{precision.get('device')}" + (f"; quality gate: {gate}" if gate else "")
     )
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """The options every in-process timing benchmark takes."""
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument("--json", help="write the rows here")
+
+
+def start_timing(args: argparse.Namespace) -> dict[str, Any]:
+    """Apply --threads, print the machine line, and return the machine for the JSON."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine()
+    print(describe_machine(info))
+    return info

@@ -428,3 +428,22 @@ def test_startup_times_a_real_start(tmp_path: Path, capsys: pytest.CaptureFixtur
     printed = capsys.readouterr().out
     assert "| f32 " in printed and "--dtype float32 --max-context 1024" in printed
     assert startup.main(["--checkout", str(tmp_path)]) == 2  # no chatserver there
+
+
+def test_gemm_ceiling_times_every_kernel_path(tmp_path: Path) -> None:
+    from load_tests import gemm_ceiling
+
+    out = tmp_path / "gemm.json"
+    args = ["--rows", "1,3", "--layers", "2", "--repeats", "2", "--json", str(out)]
+    assert gemm_ceiling.main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["machine"]["cpu_capability"] and report["shape"]["num_hidden_layers"] == 2
+    rows = report["rows"]
+    assert {(r["rows"], r["path"].split()[0]) for r in rows} == {
+        (n, path) for n in (1, 3) for path in ("float32", "fbgemm")
+    }
+    for r in rows:  # the ceiling is the step's rows over the step's time
+        assert r["ceiling_tok_s"] == pytest.approx(r["rows"] / r["step_ms"] * 1e3, rel=0.02)
+    macs = 2 * (960 * 576 + 576 * 576 + 3072 * 576 + 576 * 1536) + 49152 * 576
+    for r in rows:
+        assert r["gops"] == pytest.approx(2 * macs * r["rows"] / r["step_ms"] / 1e6, rel=0.02)
