@@ -21,7 +21,13 @@ from transformers import AutoTokenizer
 from chatserver.models.sampling import Sampler
 from chatserver.protocol.worker import GenerateRequest, GrammarSpec, SamplingParams, WorkerConfig
 from chatserver.workers.core import build_core
-from chatserver.workers.grammar import GrammarBook, GrammarCompiler, GrammarError, lark_json
+from chatserver.workers.grammar import (
+    GrammarBook,
+    GrammarCompiler,
+    GrammarError,
+    lark_json,
+    tokenizer_from_files,
+)
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct"
 EOS = 2
@@ -269,3 +275,23 @@ def test_core_finishes_a_complete_grammar_and_leaves_neighbours_alone(core, toke
     assert finished[3] == "stop"
     assert [e[1] for e in logprobs] == tokens[3] and all(e[0] == 3 for e in logprobs)
     assert not core.grammars.rows
+
+
+def test_the_grammar_tokenizer_from_files_is_transformers_one(model_dir: Path, tmp_path: Path):
+    import llguidance.hf
+
+    direct = tokenizer_from_files(str(model_dir))
+    assert direct is not None
+    through = llguidance.hf.from_tokenizer(AutoTokenizer.from_pretrained(model_dir))
+    assert direct.vocab_size == through.vocab_size and direct.eos_tokens == through.eos_tokens
+    for token in range(direct.vocab_size):
+        assert direct.decode_bytes([token]) == through.decode_bytes([token]), token
+        assert direct.is_special_token(token) == through.is_special_token(token), token
+    # Added tokens that only tokenizer_config.json lists: left to transformers.
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((model_dir / name).read_bytes())
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {"49152": {"content": "<|extra|>", "special": True}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert tokenizer_from_files(str(tmp_path)) is None
+    assert tokenizer_from_files(str(tmp_path / "absent")) is None

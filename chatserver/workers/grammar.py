@@ -46,6 +46,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -98,18 +99,58 @@ def grammar_text(spec: GrammarSpec) -> str:
     raise GrammarError(f"unknown grammar kind {spec.kind!r}; one of {', '.join(KINDS)}")
 
 
+def tokenizer_from_files(directory: str) -> Any | None:
+    """The grammar tokenizer straight from tokenizer.json, without importing transformers.
+
+    `llguidance.hf.from_tokenizer` takes a transformers tokenizer only to
+    serialize its Rust tokenizer: tokenizer.json, plus any added tokens that
+    only tokenizer_config.json lists. Importing transformers for that took most
+    of the worker's 2.6 s grammar warm-up (2-core AMD EPYC, torch capability
+    AVX2, no VNNI). None where the files alone might not say the same (added
+    tokens missing from tokenizer.json, an end-of-sequence token not found):
+    then the caller loads the tokenizer through transformers.
+    """
+    import llguidance
+
+    root = Path(directory)
+    try:
+        spec = json.loads((root / "tokenizer.json").read_text())
+        config = json.loads((root / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    added = {token["content"]: token["id"] for token in spec.get("added_tokens", [])}
+    for token_id, token in config.get("added_tokens_decoder", {}).items():
+        if added.get(token.get("content")) != int(token_id):
+            return None
+    eos = config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    vocab = spec.get("model", {}).get("vocab")
+    eos_id = added.get(eos)
+    if eos_id is None and isinstance(vocab, dict):
+        eos_id = vocab.get(eos)
+    if eos_id is None:
+        return None
+    spec["padding"] = spec["truncation"] = None  # as from_tokenizer serializes it
+    return llguidance.LLTokenizer(json.dumps(spec), eos_token=eos_id)
+
+
 class GrammarCompiler:
     """One tokenizer's grammars: compiled once per (kind, source), copied per sequence.
 
     Thread-safe (the server validates in its tokenizer threads; a worker uses one).
     """
 
-    def __init__(self, hf_tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any) -> None:
+        """`tokenizer`: a transformers fast tokenizer, or an llguidance LLTokenizer."""
         import llguidance
-        import llguidance.hf
 
         self._ll = llguidance
-        self.tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer)
+        if isinstance(tokenizer, llguidance.LLTokenizer):
+            self.tokenizer = tokenizer
+        else:
+            import llguidance.hf
+
+            self.tokenizer = llguidance.hf.from_tokenizer(tokenizer)
         self.vocab_size: int = self.tokenizer.vocab_size
         self.eos_ids: tuple[int, ...] = tuple(self.tokenizer.eos_tokens)
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
@@ -155,10 +196,12 @@ class GrammarBook:
     """The worker's constrained sequences: one matcher each, masks for a step's rows.
 
     ``tokenizer_path``: the model's directory. Its tokenizer and the grammar
-    tokenizer built from it take seconds to load (tens of seconds on a busy
-    2-core machine: longer than the worker stall timeout if a step waited for
-    them), so `warm()` loads them in a background thread when the worker
-    starts; the first constrained step waits for it only if it is not done.
+    tokenizer built from it take seconds to load (2.6 s alone on the 2-core
+    AVX2 EPYC; tens of seconds on a busy 2-core machine: longer than the worker
+    stall timeout if a step waited for them), so `warm()` loads them in a
+    background thread while the worker loads its model, and the worker waits
+    for them before it says ready (`wait`). A load that fails fails only the
+    constrained sequences, with the reason.
     """
 
     def __init__(self, tokenizer_path: str) -> None:
@@ -175,12 +218,17 @@ class GrammarBook:
             self._loading = threading.Thread(target=self._load, name="grammar-load", daemon=True)
             self._loading.start()
 
+    def wait(self) -> None:
+        """Block until the background load (if started) has finished or failed."""
+        if self._loading is not None:
+            self._loading.join()
+
     def _load(self) -> None:
         try:
             from chatserver.models.loading import ModelSource, load_tokenizer
 
             path = self.tokenizer_path
-            tokenizer = load_tokenizer(ModelSource(path, path, True))
+            tokenizer = tokenizer_from_files(path) or load_tokenizer(ModelSource(path, path, True))
             self._compiler = GrammarCompiler(tokenizer)
         except Exception as exc:  # the constrained sequences fail; the others never notice
             log.exception("grammar tokenizer failed to load")

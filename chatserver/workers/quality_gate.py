@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from chatserver.models.llama_weights import LlamaWeights
+
 QUALITY_TEXT = Path(__file__).with_name("quality_text.txt")
 PROBE_TOKENS = 128
 DECODE_TOKENS = 64
@@ -72,7 +74,16 @@ def probe_ids(tokenizer: Any) -> list[int]:
 
 @torch.inference_mode()
 def reference_logits(model: Any, ids: list[int]) -> torch.Tensor:
-    """float32 logits of the probe from the model's own forward (transformers' code)."""
+    """float32 logits of the probe, from float32 weights.
+
+    Weights read without transformers (models/llama_weights.py) go through our
+    own runner in float32, whose forward tests/test_runner.py holds to
+    transformers'; a transformers model through its own forward.
+    """
+    if isinstance(model, LlamaWeights):
+        from chatserver.workers.runner import LlamaRunner
+
+        return LlamaRunner(model, len(ids), slots=1).sequence_logits(ids)
     device = next(model.parameters()).device
     return model(torch.tensor([ids], device=device)).logits[0].float()
 

@@ -1,7 +1,9 @@
 """Model runners: one forward pass for a whole step of mixed prefill and decode work.
 
 `LlamaRunner` is chatserver's own forward pass over the weights of a Hugging
-Face Llama-family model (Llama, SmolLM, Mistral, Qwen2). For one sequence it
+Face Llama-family model (Llama, SmolLM, Mistral, Qwen2), read from its
+safetensors by models/llama_weights.py or taken from a loaded transformers
+model (both give the same tensors). For one sequence it
 is no faster than the stock `model.forward` (fp32 on 2 CPU cores: 64.7 vs 60.8
 ms a step, both bound by reading the weights); it exists because the stock
 forward has no cache that lets sequences of different lengths decode in one
@@ -45,6 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from chatserver.models.llama_weights import LlamaWeights
 from chatserver.workers.kernels import DownProjLinear, Int8Kernels, Int8Linear
 from chatserver.workers.kv_cache import SlotClear, SlotCopy, SlotOp, SlotSwap
 
@@ -73,6 +76,8 @@ def linear(
 
 def supports_fast_runner(model: Any) -> bool:
     """True when LlamaRunner (batched, with int8 kernels) can run this model."""
+    if isinstance(model, LlamaWeights):
+        return True  # read only for architectures it runs (models/llama_weights.py)
     cfg = model.config
     return (
         getattr(cfg, "model_type", "") in ("llama", "mistral", "qwen2", "smollm3")
@@ -116,28 +121,25 @@ class LlamaRunner:
         int8: Int8Kernels | None = None,
         compile: bool = False,
     ) -> None:
-        cfg = model.config
-        inner = model.model
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        self.num_layers = cfg.num_hidden_layers
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        weights = model if isinstance(model, LlamaWeights) else LlamaWeights.from_model(model)
+        shape = weights.shape
+        self.device = weights.device
+        self.dtype = weights.dtype
+        self.num_layers = shape.num_layers
+        self.num_heads = shape.num_heads
+        self.num_kv_heads = shape.num_kv_heads
+        self.head_dim = shape.head_dim
         self.groups = self.num_heads // self.num_kv_heads
-        self.eps = cfg.rms_norm_eps
+        self.eps = shape.rms_norm_eps
         self.max_context = max_context
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.embed = inner.embed_tokens.weight
-        self.final_norm = inner.norm.weight
-        self.lm_head = model.lm_head.weight
-        # Rotary tables from the model's own rotary module, so every RoPE variant
-        # (llama3 scaling, dynamic, ...) comes out as the model defines it.
-        positions = torch.arange(max_context, device=self.device).unsqueeze(0)
-        probe = torch.zeros(1, 1, self.head_dim, device=self.device, dtype=torch.float32)
-        cos, sin = inner.rotary_emb(probe, positions)
-        self.cos = cos[0].to(self.dtype)
-        self.sin = sin[0].to(self.dtype)
+        self.embed = weights.embed
+        self.final_norm = weights.final_norm
+        self.lm_head = weights.lm_head
+        # Rotary tables as the model defines them (llama3 scaling, linear, ...).
+        cos, sin = (t.to(self.device) for t in weights.rotary(max_context))
+        self.cos = cos.to(self.dtype)
+        self.sin = sin.to(self.dtype)
         # float32 activations (float32 and int8): rotary as one complex product
         # (see _rope), on q/k rows reordered so each rotated pair sits side by side.
         half = self.head_dim // 2
@@ -148,19 +150,12 @@ class LlamaRunner:
             and torch.equal(cos[..., :half], cos[..., half:])
             and torch.equal(sin[..., :half], sin[..., half:])
         ):
-            self.freqs = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float())
+            self.freqs = torch.complex(cos[:, :half].float(), sin[:, :half].float())
         pair_rows = _pair_rows(self.num_heads + self.num_kv_heads, self.head_dim, self.device)
         self.layers = []
-        for layer in inner.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv = torch.cat(
-                [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
-            ).contiguous()
-            bias = None
-            if attn.q_proj.bias is not None:
-                bias = torch.cat(
-                    [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
-                ).contiguous()
+        for layer in weights.layers:
+            qkv = torch.cat([layer.q, layer.k, layer.v]).contiguous()
+            bias = None if layer.qkv_bias is None else torch.cat(layer.qkv_bias).contiguous()
             if self.freqs is not None:
                 # q and k reordered alike: their dot products, hence attention, unchanged.
                 qkv = torch.cat([qkv[pair_rows], qkv[len(pair_rows) :]]).contiguous()
@@ -168,13 +163,13 @@ class LlamaRunner:
                     bias = torch.cat([bias[pair_rows], bias[len(pair_rows) :]]).contiguous()
             self.layers.append(
                 (
-                    layer.input_layernorm.weight,
+                    layer.input_norm,
                     qkv,
                     bias,
-                    attn.o_proj.weight,
-                    layer.post_attention_layernorm.weight,
-                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
-                    mlp.down_proj.weight,
+                    layer.o,
+                    layer.post_norm,
+                    torch.cat([layer.gate, layer.up]).contiguous(),
+                    layer.down,
                 )
             )
         self.intermediate = self.layers[0][5].shape[0] // 2
