@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,6 @@ class LlamaShape:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    hidden_size: int
-    vocab_size: int
     rms_norm_eps: float
 
 
@@ -79,7 +77,6 @@ class LlamaWeights:
     layers: list[LlamaLayer]
     # positions -> (cos, sin), each [positions, head_dim] float32, as the model defines them.
     rotary: Callable[[int], tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
-    model_type: str = "llama"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -101,18 +98,9 @@ class LlamaWeights:
             replace(
                 layer,
                 **{
-                    name: conv(getattr(layer, name))
-                    for name in (
-                        "input_norm",
-                        "q",
-                        "k",
-                        "v",
-                        "o",
-                        "post_norm",
-                        "gate",
-                        "up",
-                        "down",
-                    )
+                    f.name: conv(getattr(layer, f.name))
+                    for f in fields(layer)
+                    if f.name != "qkv_bias"
                 },
                 qkv_bias=None if layer.qkv_bias is None else tuple(conv(b) for b in layer.qkv_bias),  # type: ignore[arg-type]
             )
@@ -136,8 +124,6 @@ class LlamaWeights:
             num_heads=num_heads,
             num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads,
-            hidden_size=cfg.hidden_size,
-            vocab_size=cfg.vocab_size,
             rms_norm_eps=cfg.rms_norm_eps,
         )
         layers = []
@@ -175,7 +161,6 @@ class LlamaWeights:
             model.lm_head.weight,
             layers,
             rotary,
-            getattr(cfg, "model_type", "llama"),
         )
 
 
@@ -283,8 +268,6 @@ def read_llama_weights(
         num_heads=num_heads,
         num_kv_heads=config.get("num_key_value_heads") or num_heads,
         head_dim=head_dim,
-        hidden_size=config["hidden_size"],
-        vocab_size=config["vocab_size"],
         rms_norm_eps=config.get("rms_norm_eps", 1e-6),
     )
     try:
@@ -308,6 +291,4 @@ def read_llama_weights(
     leftovers = [name for name in tensors if not name.endswith("rotary_emb.inv_freq")]
     if leftovers:
         return None  # something the runner would silently ignore
-    return LlamaWeights(
-        shape, embed, final_norm, lm_head, layers, rotary_tables(inv_freq), model_type
-    )
+    return LlamaWeights(shape, embed, final_norm, lm_head, layers, rotary_tables(inv_freq))
