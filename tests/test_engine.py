@@ -255,12 +255,10 @@ async def test_restarts_leave_no_threads_or_descriptors_behind(two_workers):
 )
 def test_worker_placement(monkeypatch, model_dir: Path, engine, device, gpus, expected) -> None:
     """Where workers go, per engine and device; the GPU count is the only thing faked."""
-    from transformers import AutoTokenizer
-
     from chatserver.config import Settings
     from chatserver.engine.engine import InferenceEngine
     from chatserver.models.loading import resolve_model
-    from chatserver.workers import core, quality_gate
+    from chatserver.workers import core
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     real_resolve = core.resolve_device
@@ -272,13 +270,15 @@ def test_worker_placement(monkeypatch, model_dir: Path, engine, device, gpus, ex
     settings = Settings.from_env(engine=engine, device=device, workers=2)
     eng = InferenceEngine(settings)
     eng._source = resolve_model("default", model_dir.parent, model_dir.name)
-    eng.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # Before the server's tokenizer loads: workers spawn first (engine.start).
+    assert eng.tokenizer is None
     configs = eng._worker_configs()
     assert [c.device for c in configs] == expected
-    # Each worker picks its precision on its device (test_precision.py has the chains)
-    # and gates it against the probe the server tokenized.
+    # Each worker picks its precision on its device (test_precision.py has the chains).
     assert {c.dtype for c in configs} == {"auto"}
-    assert all(len(c.probe_ids) == quality_gate.PROBE_TOKENS for c in configs)
+    # The model's context (8192 for the default model) caps --max-context, read from
+    # config.json without the tokenizer.
+    assert {c.max_context for c in configs} == {min(settings.max_context, 8192)}
 
 
 async def test_stream_hands_a_lagging_reader_all_queued_text_at_once(model_dir: Path) -> None:

@@ -76,7 +76,6 @@ from chatserver.protocol.worker import (
     WorkerReady,
     WorkerToServer,
 )
-from chatserver.workers import quality_gate
 from chatserver.workers.pool import WorkerPool, hosts_for
 
 log = logging.getLogger(__name__)
@@ -356,7 +355,11 @@ class InferenceEngine:
         s = self.settings
         self._source = resolve_model(s.model, s.models_dir, DEFAULT_MODEL_NAME)
         self.model_id = self._source.model_id
-        await self._loop.run_in_executor(self._executor, self._load_tokenizer)
+        # Workers spawn before the tokenizer loads, whose transformers import then
+        # runs beside the workers' torch import and weights: `python -m
+        # load_tests.startup --runs 5` against the commit before, 2-core AMD EPYC
+        # (torch capability AVX512, VNNI avx512_vnni), float32 4.83 -> 3.62 s to
+        # ready (README, "Server start"; int8's parallel packing in the same run).
         configs = await self._loop.run_in_executor(self._executor, self._worker_configs)
         if s.max_queue < 0:
             self._admission.max_queue = 2 * len(configs) * self.max_running
@@ -367,6 +370,7 @@ class InferenceEngine:
         self.pool.start(
             self._loop, hosts, self._on_message, self._reroute_or_fail, s.worker_stall_timeout
         )
+        await self._loop.run_in_executor(self._executor, self._load_tokenizer)
         log.info(
             "engine %s: %d worker(s), model %s on %s (%s), context %d",
             self.engine_kind,
@@ -386,8 +390,6 @@ class InferenceEngine:
         # build_prompt checks before tokenizing anything.
         self.max_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=0)
         config = model_config(self._source)
-        model_ctx = config.get("max_position_embeddings") or self.settings.max_context
-        self.max_context = min(self.settings.max_context, model_ctx)
         try:
             gen = GenerationConfig.from_pretrained(self._source.path)
         except OSError:
@@ -407,6 +409,8 @@ class InferenceEngine:
 
         s = self.settings
         assert self._source is not None
+        model_ctx = model_config(self._source).get("max_position_embeddings") or s.max_context
+        self.max_context = min(s.max_context, model_ctx)
         device = resolve_device(s.device)
         kind = s.engine
         if kind == "auto":
@@ -437,7 +441,6 @@ class InferenceEngine:
             device, devices, threads = ray.device, [ray.device] * ray.workers, ray.threads
         # "auto" until a worker reports what its quality gate chose.
         self.engine_kind, self.device, self.dtype = kind, device, s.dtype
-        probe = tuple(quality_gate.probe_ids(self.tokenizer)) if not s.skip_quality_gate else ()
         return [
             WorkerConfig(
                 model_path=self._source.path,
@@ -454,7 +457,6 @@ class InferenceEngine:
                 skip_quality_gate=s.skip_quality_gate,
                 quality_max_ppl_ratio=s.quality_max_ppl_ratio,
                 quality_min_top1=s.quality_min_top1,
-                probe_ids=probe,
                 kv_cache_bytes=s.kv_cache_budget(
                     _device_memory(worker_device),
                     devices.count(worker_device),

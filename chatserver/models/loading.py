@@ -62,16 +62,22 @@ def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def load_tokenizer(source: ModelSource) -> Any:
+def _offline_unless_reachable(source: ModelSource) -> None:
+    """For a hub id, use the local hub cache only when the hub does not answer,
+    instead of a minute of retries."""
     from huggingface_hub import constants
-    from transformers import AutoTokenizer
 
     if not source.local and not constants.HF_HUB_OFFLINE and not _hub_reachable(constants.ENDPOINT):
-        # Use the local hub cache only, instead of a minute of retries. The
-        # constant is read at import time, so set it as well as the variable
+        # The constant is read at import time, so set it as well as the variable
         # that worker processes inherit.
         os.environ["HF_HUB_OFFLINE"] = "1"
         constants.HF_HUB_OFFLINE = True
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    from transformers import AutoTokenizer
+
+    _offline_unless_reachable(source)
     try:
         named = _named_tokenizer_class(source)
         if named is not None:
@@ -106,10 +112,23 @@ def _named_tokenizer_class(source: ModelSource) -> Any:
 
 
 def model_config(source: ModelSource) -> dict[str, Any]:
-    """The model's config.json as a dict, without importing its config class."""
+    """The model's config.json as a dict, without importing its config class.
+
+    A local directory's is read as JSON: the engine reads it before spawning
+    workers, and importing transformers there would delay them.
+    """
+    local = Path(source.path) / "config.json"
+    if source.local and local.is_file():
+        return json.loads(local.read_text())
     from transformers import PreTrainedConfig
 
-    config, _ = PreTrainedConfig.get_config_dict(source.path)
+    _offline_unless_reachable(source)
+    try:
+        config, _ = PreTrainedConfig.get_config_dict(source.path)
+    except OSError as exc:
+        if source.local:
+            raise
+        raise _hub_error(source, exc) from exc
     return config
 
 

@@ -177,6 +177,5 @@ class WorkerConfig:
     skip_quality_gate: bool = False
     quality_max_ppl_ratio: float = 1.05
     quality_min_top1: float = 0.85
-    probe_ids: tuple[int, ...] = ()  # the quality gate's probe, tokenized by the server
     kv_cache_bytes: int = 0  # this worker's KV cache budget (0: --max-batch x 4 slots)
     prefix_cache: bool = True  # reuse cached prompt prefixes (workers/kv_cache.py)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from chatserver.models.llama_weights import LlamaWeights, read_llama_weights
-from chatserver.models.loading import ModelSource, load_model, load_tokenizer
+from chatserver.models.loading import ModelSource, load_model
 from chatserver.models.sampling import Sampler
 from chatserver.protocol.worker import (
     CancelRequest,
@@ -229,7 +229,7 @@ def build_core(worker_id: int, config: WorkerConfig) -> tuple[WorkerCore, Worker
         model = load_model(source, load_dtype, config.device)
     reference = probe = None
     if gated:
-        probe = list(config.probe_ids) or _probe_from(config.model_path)
+        probe = quality_gate.probe_from_files(config.model_path)
         reference = quality_gate.reference_logits(model, probe)
     bounds = quality_gate.GateBounds(config.quality_max_ppl_ratio, config.quality_min_top1)
     results: list[quality_gate.GateResult] = []
@@ -305,11 +305,6 @@ def load_failure(worker_id: int, exc: Exception) -> WorkerFailed:
     fatal = isinstance(exc, quality_gate.QualityGateFailed | precision.PrecisionUnavailable)
     text = str(exc) if fatal else f"{type(exc).__name__}: {exc}"
     return WorkerFailed(worker_id, text, fatal=fatal)
-
-
-def _probe_from(model_path: str) -> list[int]:
-    """The probe for callers that did not send one (benchmarks, tests building a core)."""
-    return quality_gate.probe_ids(load_tokenizer(ModelSource(model_path, model_path, True)))
 
 
 def _runner_for(

@@ -68,8 +68,26 @@ class QualityGateFailed(RuntimeError):
 
 
 def probe_ids(tokenizer: Any) -> list[int]:
-    """The probe's token ids for this model's tokenizer (the server sends them to workers)."""
+    """The probe's token ids from a transformers tokenizer."""
     return list(tokenizer(QUALITY_TEXT.read_text())["input_ids"][:PROBE_TOKENS])
+
+
+def probe_from_files(model_path: str) -> list[int]:
+    """The probe's token ids, read with the `tokenizers` library from tokenizer.json.
+
+    The worker tokenizes its own probe, so the server can spawn it before
+    loading its tokenizer. The same Rust tokenizer a transformers fast
+    tokenizer wraps, without transformers' import; a model with no
+    tokenizer.json goes through transformers.
+    """
+    path = Path(model_path) / "tokenizer.json"
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(path)).encode(QUALITY_TEXT.read_text()).ids[:PROBE_TOKENS]
+    from chatserver.models.loading import ModelSource, load_tokenizer
+
+    return probe_ids(load_tokenizer(ModelSource(model_path, model_path, True)))
 
 
 @torch.inference_mode()
