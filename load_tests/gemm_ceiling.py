@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 
 import torch
@@ -31,7 +30,7 @@ from chatserver.models.loading import model_config, resolve_model
 from chatserver.workers import cpu_features
 from chatserver.workers.kernels import Int8Linear
 from chatserver.workers.precision import int8_kernels
-from load_tests.machine import add_timing_arguments, start_timing
+from load_tests.machine import add_timing_arguments, median_seconds, start_timing
 
 # SmolLM2-135M-Instruct's shapes, used when the converted model is not there.
 FALLBACK_SHAPE = {
@@ -76,13 +75,7 @@ def time_step(
         for matmul, x in calls:
             matmul(x)
 
-    one_pass()
-    samples = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        one_pass()
-        samples.append(time.perf_counter() - began)
-    return sorted(samples)[len(samples) // 2]
+    return median_seconds(one_pass, repeats)
 
 
 def main(argv: list[str] | None = None) -> int:

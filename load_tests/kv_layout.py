@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from load_tests.machine import add_timing_arguments, start_timing
+from load_tests.machine import add_timing_arguments, median_seconds, start_timing
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 SHAPES = ((1, 256), (16, 256), (16, 1024), (4, 2048), (32, 512))  # (sequences, positions)
@@ -28,14 +27,7 @@ SHAPES = ((1, 256), (16, 256), (16, 1024), (4, 2048), (32, 512))  # (sequences, 
 
 def time_call(fn: Callable[[], torch.Tensor], repeats: int) -> float:
     """Median microseconds of `fn` over `repeats` calls, after warm-up."""
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - began)
-    return sorted(samples)[len(samples) // 2] * 1e6
+    return median_seconds(fn, repeats, warmup=3) * 1e6
 
 
 def measure(sequences: int, positions: int, dtype: torch.dtype, block: int, repeats: int) -> dict:

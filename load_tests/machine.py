@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import time
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 
@@ -73,3 +75,15 @@ def start_timing(args: argparse.Namespace) -> dict[str, Any]:
     info = machine()
     print(describe_machine(info))
     return info
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median seconds of `fn` over `repeats` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - began)
+    return sorted(samples)[len(samples) // 2]

@@ -291,6 +291,7 @@ class InferenceEngine:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._source: ModelSource | None = None
+        self._model_config: dict[str, Any] = {}  # the model's config.json
         self._admission = AdmissionQueue(max(0, settings.max_queue))
         self._scheduled = 0  # live streams some worker step has taken into its batch
         self.metrics.read_gauges(
@@ -389,7 +390,7 @@ class InferenceEngine:
         # A token decodes to at most this many characters: the cheap bound
         # build_prompt checks before tokenizing anything.
         self.max_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=0)
-        config = model_config(self._source)
+        config = self._model_config  # read by _worker_configs, which ran first
         try:
             gen = GenerationConfig.from_pretrained(self._source.path)
         except OSError:
@@ -409,7 +410,8 @@ class InferenceEngine:
 
         s = self.settings
         assert self._source is not None
-        model_ctx = model_config(self._source).get("max_position_embeddings") or s.max_context
+        self._model_config = model_config(self._source)
+        model_ctx = self._model_config.get("max_position_embeddings") or s.max_context
         self.max_context = min(s.max_context, model_ctx)
         device = resolve_device(s.device)
         kind = s.engine
