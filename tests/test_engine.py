@@ -258,12 +258,12 @@ def test_worker_placement(monkeypatch, model_dir: Path, engine, device, gpus, ex
     from chatserver.config import Settings
     from chatserver.engine.engine import InferenceEngine
     from chatserver.models.loading import resolve_model
-    from chatserver.workers import core
+    from chatserver.workers import devices
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
-    real_resolve = core.resolve_device
+    real_resolve = devices.resolve_device
     monkeypatch.setattr(
-        core,
+        devices,
         "resolve_device",
         lambda d: ("cuda" if gpus else "cpu") if d == "auto" else real_resolve(d),
     )

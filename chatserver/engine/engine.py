@@ -406,7 +406,7 @@ class InferenceEngine:
             self.default_top_k = gen.top_k or 0
 
     def _worker_configs(self) -> list[WorkerConfig]:
-        from chatserver.workers.core import resolve_device
+        from chatserver.workers.devices import resolve_device
 
         s = self.settings
         assert self._source is not None

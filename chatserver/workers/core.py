@@ -195,12 +195,6 @@ def kv_cache_for(config: WorkerConfig, runner: LlamaRunner | HFRunner) -> KVCach
     return KVCacheManager(slots, config.max_context, prefix_cache=config.prefix_cache)
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def build_core(worker_id: int, config: WorkerConfig) -> tuple[WorkerCore, WorkerReady]:
     """Load the model, pick the fastest precision that passes the quality gate, wrap it.
 

@@ -59,10 +59,14 @@ def host_class(engine_kind: str) -> type:
         from chatserver.workers.ray_worker import RayWorker
 
         return RayWorker
-    from chatserver.workers.local import InlineWorker, ThreadWorker
-    from chatserver.workers.process import ProcessWorker
+    if engine_kind in ("thread", "inline"):
+        # These run the core in the server's process, so they import torch here.
+        from chatserver.workers.local import InlineWorker, ThreadWorker
 
-    return {"thread": ThreadWorker, "inline": InlineWorker}.get(engine_kind, ProcessWorker)
+        return ThreadWorker if engine_kind == "thread" else InlineWorker
+    from chatserver.workers.process import ProcessWorker  # torch only in the worker
+
+    return ProcessWorker
 
 
 class WorkerPool:

@@ -1,4 +1,12 @@
-"""ProcessWorker: a WorkerCore in its own process, started with torch.multiprocessing (spawn).
+"""ProcessWorker: a WorkerCore in its own process, started with multiprocessing's spawn.
+
+Spawn, not fork: the worker owns torch's threads (and its GPU) from a fresh
+interpreter. The context is the standard library's, which is also what
+`torch.multiprocessing.get_context("spawn")` returns; torch's module adds only
+sharing tensors through queues, and no tensor crosses this pipe (the
+protocol's dataclasses carry token ids and floats). Importing it would make
+the server import torch before its first spawn: 1.5 s of every start
+(workers/devices.py).
 
 The process owns its model (and its device, for the GPU worker). When idle it
 blocks in `recv()` on its pipe, so an idle server burns no CPU; while it has
@@ -13,14 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing as mp
 import os
 import queue
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
-
-import torch.multiprocessing as mp
 
 if TYPE_CHECKING:
     from chatserver.workers.core import WorkerCore
