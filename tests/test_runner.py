@@ -99,28 +99,39 @@ def test_greedy_output_is_batch_invariant_fp32(tokenizer, model_dir):
         assert alone == batched[i], f"prompt {i} differs in a batch"
 
 
+@pytest.fixture(scope="module")
+def batch_prompts(tokenizer) -> list[list[int]]:
+    return [chat_ids(tokenizer, PROMPTS[i % len(PROMPTS)] + " " * (i // 8)) for i in range(16)]
+
+
+def prompt_logits(model_dir: Path, dtype: str, prompts: list[list[int]]):
+    """Each prompt's last logits, prefilled alone and then all 16 in one step, by one runner
+    (each prefill starts at position 0 and attends only to its own rows)."""
+    config = WorkerConfig(str(model_dir), "m", "cpu", dtype, 1024, 16, 512, 2)
+    runner = build_core(0, dataclasses.replace(config, skip_quality_gate=True))[0].runner
+    alone = torch.cat([runner.forward([StepItem(0, 0, ids, 0, True)], 1) for ids in prompts])
+    items = [StepItem(i, i, ids, 0, True) for i, ids in enumerate(prompts)]
+    return alone, runner.forward(items, len(prompts))
+
+
+@pytest.fixture(scope="module")
+def float32_prompt_logits(model_dir: Path, batch_prompts):
+    return prompt_logits(model_dir, "float32", batch_prompts)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
-def test_reduced_precision_batch_effect_within_its_error(tokenizer, model_dir, dtype):
+def test_reduced_precision_batch_effect_within_its_error(
+    model_dir, batch_prompts, float32_prompt_logits, dtype
+):
     """bf16 and int8 are not batch invariant (README, Precision): GEMM blocking, int8
     activation ranges and down_proj's kernel depend on the step's rows, so greedy text
     alone and in a batch can part. What holds: the batch moves prompts' logits, on
     average, by at most a few times what the precision itself moves them from float32
     (int8 on the AVX2 EPYC: 0.07 vs 0.09 relative, mean of 16 prompts), and none
     anywhere near a mix-up between sequences (~1)."""
-    prompts = [chat_ids(tokenizer, PROMPTS[i % len(PROMPTS)] + " " * (i // 8)) for i in range(16)]
-
-    def logits(dtype: str, together: bool) -> torch.Tensor:
-        config = WorkerConfig(str(model_dir), "m", "cpu", dtype, 1024, 16, 512, 2)
-        runner = build_core(0, dataclasses.replace(config, skip_quality_gate=True))[0].runner
-        if together:
-            items = [StepItem(i, i, ids, 0, True) for i, ids in enumerate(prompts)]
-            return runner.forward(items, len(prompts))
-        return torch.cat([runner.forward([StepItem(0, 0, ids, 0, True)], 1) for ids in prompts])
-
-    exact = logits("float32", together=False)
-    alone, batched = logits(dtype, together=False), logits(dtype, together=True)
-    exact_batched = logits("float32", together=True)
+    exact, exact_batched = float32_prompt_logits
+    alone, batched = prompt_logits(model_dir, dtype, batch_prompts)
     assert ((exact_batched - exact).norm() / exact.norm()) < 1e-4  # float32: rounding only
     precision_error = ((alone - exact).norm(dim=1) / exact.norm(dim=1)).mean()
     batch_effect = (batched - alone).norm(dim=1) / alone.norm(dim=1)
@@ -158,9 +169,17 @@ def test_seeded_sampling_is_reproducible(tokenizer, model_dir):
     assert runs[0] == runs[1]
 
 
+@pytest.fixture(scope="module")
+def float32_scores(hf_model, tokenizer) -> tuple[list[int], dict[int, float]]:
+    """The quality text's first 512 tokens and float32's perplexity of the spans scored."""
+    ids = tokenizer(QUALITY_TEXT.read_text())["input_ids"][:512]
+    reference = LlamaRunner(hf_model, 1024)
+    return ids, {n: math.exp(reference.score(ids[:n])) for n in (len(ids), 192)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", ["bfloat16", "int8:avx2", "int8:vnni"])
-def test_reduced_precision_quality(hf_model, tokenizer, path, model_dir):
+def test_reduced_precision_quality(float32_scores, tokenizer, path, model_dir):
     """Every kernel path this CPU runs correctly: perplexity within 5% of fp32 in one
     prefill and one token a step, and the test prompt's answer holds."""
     dtype, _, kernels = path.partition(":")
@@ -169,8 +188,7 @@ def test_reduced_precision_quality(hf_model, tokenizer, path, model_dir):
             f"int8-vnni needs VNNI; this CPU ({CPU.kind}) has none, and "
             "test_quality_gate.py::test_int8_kernel_paths shows the gate refuses it here"
         )
-    ids = tokenizer(QUALITY_TEXT.read_text())["input_ids"][:512]
-    reference = LlamaRunner(hf_model, 1024)
+    ids, reference = float32_scores
     config = WorkerConfig(
         str(model_dir), "m", "cpu", dtype, 1024, 4, 512, 2, int8_kernels=kernels or "auto"
     )
@@ -179,7 +197,7 @@ def test_reduced_precision_quality(hf_model, tokenizer, path, model_dir):
     # 512 tokens in one prefill; one token a step over the first 192 (a step each:
     # over all 512 the test took 17 s for bfloat16 on the 2-core AVX-512 EPYC).
     for chunk, text in ((None, ids), (1, ids[:192])):
-        fp32 = math.exp(reference.score(text))
+        fp32 = reference[len(text)]
         reduced = math.exp(core.runner.score(text, chunk=chunk))
         assert reduced / fp32 < 1.05, f"{path} chunk={chunk}: {reduced:.2f} vs fp32 {fp32:.2f}"
     answer = run_core(core, [chat_ids(tokenizer, PROMPTS[0])], 12)[0]
