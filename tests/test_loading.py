@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chatserver.models.loading import ModelNotFound, resolve_model
+from chatserver.models.loading import ModelNotFound, load_tokenizer, resolve_model
 from chatserver.models.prompt import render
 from chatserver.protocol.worker import GenerateRequest, SamplingParams, WorkerConfig
 from chatserver.workers.core import WorkerCore
@@ -32,6 +34,33 @@ def test_bad_local_paths_are_clear_errors(tmp_path: Path, model_dir: Path):
         resolve_model(str(tmp_path), tmp_path, "x")
     with pytest.raises(ModelNotFound, match="models fetch"):
         resolve_model("default", tmp_path, "absent")
+
+
+def test_the_server_tokenizer_is_autotokenizers_without_its_imports(model_dir: Path, tmp_path):
+    """load_tokenizer takes the class tokenizer_config.json names from transformers' top
+    level (AutoTokenizer's module imports torch: README, "Server start"); it must be the
+    tokenizer AutoTokenizer gives, and a name the top level lacks must still load."""
+    auto = AutoTokenizer.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": "Héllo, 世界! 3.14 <tag>"}]
+    text = messages[0]["content"] + " and more"
+
+    def same_as_auto(tok) -> None:
+        assert tok(text)["input_ids"] == auto(text)["input_ids"]
+        assert render(tok, messages) == render(auto, messages)
+        assert tok.eos_token_id == auto.eos_token_id
+
+    ours = load_tokenizer(resolve_model(str(model_dir), "/unused", "unused"))
+    assert type(ours) is type(auto)
+    same_as_auto(ours)
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for f in model_dir.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, renamed / f.name)
+    config = json.loads((renamed / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "NoSuchTokenizerClass"
+    (renamed / "tokenizer_config.json").write_text(json.dumps(config))
+    same_as_auto(load_tokenizer(resolve_model(str(renamed), "/unused", "unused")))
 
 
 def test_hub_id_without_a_hub_fails_fast_with_a_clear_message():

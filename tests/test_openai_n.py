@@ -426,7 +426,11 @@ async def test_a_failed_choice_fails_the_request(small_server: ServerProcess) ->
             async with http.post(url, json=body, headers=headers) as r:
                 return r.status, await r.json()
 
-        unstreamed = asyncio.create_task(whole())
+        # The streamed request takes both running slots first and the other waits for
+        # them: sent together, the unstreamed one could win the slots and run its 2000
+        # tokens to the end before the stream began (a fresh clone's make test, and 1 of 3
+        # runs of this module).
+        unstreamed = None
         async with http.post(url, json={**body, "stream": True}, headers=headers) as r:
             assert r.status == 200
             events = []
@@ -434,10 +438,13 @@ async def test_a_failed_choice_fails_the_request(small_server: ServerProcess) ->
                 if not line.startswith(b"data: "):
                     continue
                 events.append(line[6:].strip())
+                if len(events) == 1:
+                    unstreamed = asyncio.create_task(whole())
                 if len(events) == 6:
                     await wait_generations(small_server, 4)
                     (worker,) = worker_pids(small_server.proc.pid)
                     os.kill(worker, signal.SIGKILL)
+        assert unstreamed is not None
         status, error = await unstreamed
     assert (status, error["error"]["code"]) == (503, "worker_failed"), error
     assert events[-1] == b"[DONE]" and events.count(b"[DONE]") == 1

@@ -113,7 +113,10 @@ def _named_tokenizer_class(source: ModelSource) -> Any:
     name = settings.get("tokenizer_class") if isinstance(settings, dict) else None
     if not isinstance(name, str) or "auto_map" in settings:
         return None  # no class named, or remote code: AutoTokenizer knows the rules
-    named = getattr(transformers, name, None)
+    try:
+        named = getattr(transformers, name, None)
+    except ImportError:  # its module needs a package this install lacks
+        named = None
     if isinstance(named, type) and hasattr(named, "from_pretrained"):
         return named
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
