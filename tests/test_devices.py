@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from chatserver.workers.devices import resolve_device, torch_gpu_build
+from tests.test_engine import worker_pids
 
 PROBE = """
 import json, sys
@@ -40,18 +41,11 @@ def maps_torch(pid: int) -> bool:
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += map(int, (task / "children").read_text().split())
-    return found
-
-
 def test_the_server_process_leaves_torch_to_its_workers(server) -> None:
     """Importing torch in the server held every start back by 1.5 s (workers/devices.py);
     the server's own work (HTTP, tokenizer, sessions) never needs it."""
     assert server.proc is not None
-    workers = [pid for pid in children(server.proc.pid) if maps_torch(pid)]
-    assert workers, "no worker process of the server has torch loaded"
+    workers = worker_pids(server.proc.pid)
+    assert workers and all(maps_torch(pid) for pid in workers), "a worker without torch"
     if not torch_gpu_build():
         assert not maps_torch(server.proc.pid)

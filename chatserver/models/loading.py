@@ -101,8 +101,6 @@ def _named_tokenizer_class(source: ModelSource) -> Any:
     on the 2-core AMD EPYC, torch capability AVX512, VNNI avx512_vnni; README,
     "Server start"). A name the top level lacks goes through the resolver.
     """
-    import transformers
-
     config = Path(source.path) / "tokenizer_config.json"
     if not source.local or not config.is_file():
         return None
@@ -113,6 +111,8 @@ def _named_tokenizer_class(source: ModelSource) -> Any:
     name = settings.get("tokenizer_class") if isinstance(settings, dict) else None
     if not isinstance(name, str) or "auto_map" in settings:
         return None  # no class named, or remote code: AutoTokenizer knows the rules
+    import transformers
+
     try:
         named = getattr(transformers, name, None)
     except ImportError:  # its module needs a package this install lacks
