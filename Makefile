@@ -6,6 +6,8 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 MODEL_DIR := models/SmolLM2-135M-Instruct
 REDIS_PORT ?= 6379
+# `make test CPU_ISA=avx2` runs the suite as an AVX2-only CPU would (README, Precision).
+CPU_ISA ?= native
 
 .PHONY: install run test lint format bench clean
 
@@ -28,7 +30,8 @@ test: install
 	@bash .ci/ensure-chromium.sh
 	@eval "$$(bash .ci/ensure-redis.sh $(REDIS_PORT))"; \
 	  echo "tests use Redis at $$CHATSERVER_TEST_REDIS_URL"; \
-	  CHATSERVER_TEST_REDIS_URL=$$CHATSERVER_TEST_REDIS_URL $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	  CHATSERVER_TEST_REDIS_URL=$$CHATSERVER_TEST_REDIS_URL CHATSERVER_TEST_CPU_ISA=$(CPU_ISA) \
+	  $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint:
 	$(VENV)/bin/ruff check chatserver tests load_tests

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatserver.protocol.worker import INT8_KERNEL_CHOICES
+from chatserver.protocol.worker import CPU_ISA_CHOICES, INT8_KERNEL_CHOICES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = Path(os.environ.get("CHATSERVER_MODELS_DIR", REPO_ROOT / "models"))
@@ -124,6 +124,15 @@ class Settings:
             "help": "int8 kernel variant: auto (from the CPU's features), vnni (full-range "
             "int8 weights; needs VNNI, noise without it), avx2 (7-bit weights, any x86 CPU)",
             "choices": INT8_KERNEL_CHOICES,
+        },
+    )
+    cpu_isa: str = field(
+        default="native",
+        metadata={
+            "help": "instructions the workers' kernels may use: native (all this CPU has), "
+            "avx2 (compute as an AVX2-only CPU does: its kernels and int8 precision, this "
+            "CPU's speed; for testing the AVX2 paths, see README Precision)",
+            "choices": CPU_ISA_CHOICES,
         },
     )
     skip_quality_gate: bool = field(

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.serverproc import ServerProcess
+from chatserver.workers import cpu_features
+
+# `make test CPU_ISA=avx2`: the whole suite computes as on an AVX2-only CPU, in
+# this process and in every server and worker it starts (README, Precision).
+# Set before anything imports torch, which reads the switches once.
+_TEST_ISA = os.environ.get("CHATSERVER_TEST_CPU_ISA", "native")
+if _TEST_ISA != "native":
+    assert "torch" not in sys.modules, "torch was imported before the CPU ISA was set"
+    os.environ.update(cpu_features.isa_env(_TEST_ISA))
+
+from tests.serverproc import ServerProcess  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"

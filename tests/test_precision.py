@@ -7,6 +7,10 @@ test_quality_gate.py.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,9 +38,47 @@ def test_detect_reads_this_machine() -> None:
     assert cpu.capability == torch.backends.cpu.get_cpu_capability()
     assert cpu.cores >= 1
     flags = Path("/proc/cpuinfo").read_text()
-    assert cpu.vnni == any(f" {f}" in flags for f in cpu_features.VNNI_FLAGS)
-    assert cpu.native_bf16 == any(f" {f}" in flags for f in cpu_features.BF16_FLAGS)
+    held = bool(cpu_features.isa_limit())  # the suite itself run as an AVX2 CPU
+    assert cpu.vnni == (not held and any(f" {f}" in flags for f in cpu_features.VNNI_FLAGS))
+    assert cpu.native_bf16 == (not held and any(f" {f}" in flags for f in cpu_features.BF16_FLAGS))
     assert set(cpu.describe()) >= {"cpu_model", "cores", "cpu_capability", "cpu_kind"}
+
+
+def test_any_library_held_to_avx2_limits_the_kernels() -> None:
+    """One switch is enough: fbgemm at AVX2 saturates full-range int8 even if torch's
+    own kernels use AVX-512, so the chosen kernels must not count on VNNI."""
+    assert cpu_features.isa_limit({}) == ""
+    assert cpu_features.isa_limit({"ATEN_CPU_CAPABILITY": "avx512"}) == ""
+    assert cpu_features.isa_limit({"FBGEMM_ENABLE_INSTRUCTIONS": "AVX512"}) == ""
+    for name, value in cpu_features.AVX2_ENV.items():
+        if name != "MKL_ENABLE_INSTRUCTIONS":  # MKL's float GEMMs choose no kernel of ours
+            assert cpu_features.isa_limit({name: value}) == "avx2", name
+    assert cpu_features.isa_limit({"ATEN_CPU_CAPABILITY": "default"}) == "avx2"
+    assert cpu_features.isa_env("native") == {}
+    with pytest.raises(ValueError, match="native"):
+        cpu_features.isa_env("avx1024")
+
+
+def test_cpu_isa_avx2_makes_any_cpu_an_avx2_one() -> None:
+    """What a worker spawned under --cpu-isa avx2 detects: torch's AVX2 kernels, no
+    VNNI, no native bf16, so the AVX2 chain; outside the block nothing is left set."""
+    probe = (
+        "import json, torch; from chatserver.workers import cpu_features, precision; "
+        "cpu = cpu_features.detect(); "
+        "print(json.dumps([torch.backends.cpu.get_cpu_capability(), cpu.describe(), "
+        "[c.kernels for c in precision.candidates('auto', 'cpu', cpu)]]))"
+    )
+    before = dict(os.environ)
+    with cpu_features.isa_environment("avx2"):
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+        ).stdout
+    assert dict(os.environ) == before
+    capability, described, chain = json.loads(out.splitlines()[-1])
+    assert capability == "AVX2" == described["cpu_capability"]
+    assert described["isa_limit"] == "avx2" and described["cpu_kind"] == "AVX2"
+    assert not described["vnni"] and not described["native_bf16"]
+    assert chain == ["int8-avx2", "float32"]
 
 
 @pytest.mark.parametrize(

@@ -146,16 +146,40 @@ async def test_server_reports_its_precision(server) -> None:
 
 
 def test_server_refuses_to_start_on_a_failed_gate() -> None:
-    """An explicit --dtype that fails the gate stops the server with the figures, not noise."""
+    """An explicit --dtype that fails the gate stops the server with the figures, not noise.
+
+    The failure is the real one of issue 8, on any CPU: full-range int8 weights
+    computed as an AVX2 CPU computes them (fbgemm's int16 pair sums saturate).
+    """
     proc = ServerProcess(
-        "--dtype", "int8", "--quality-max-ppl-ratio", "0.5", "--log-level", "warning"
+        "--cpu-isa", "avx2", "--dtype", "int8", "--int8-kernels", "vnni", "--log-level", "warning"
     )
     try:
         code = proc.proc.wait(timeout=180)
     finally:
         proc.stop()
     assert code != 0
-    assert "failed the quality gate" in proc.log() and "x float32" in proc.log()
+    log = proc.log()
+    assert "failed the quality gate" in log and "int8-vnni" in log and "x float32" in log
+    assert "AVX2" in log  # the CPU capability it was measured on
+
+
+async def test_server_on_avx2_kernels_serves_7_bit_int8_correctly() -> None:
+    """The AVX2 machine's default, run on this one: int8-avx2 passes and answers right."""
+    proc = ServerProcess("--cpu-isa", "avx2", "--log-level", "warning").wait_ready()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(proc.url + "/readyz") as r:
+                precision = (await r.json())["precision"]
+            body = {"message": "What is the capital of France?", "temperature": 0, "max_tokens": 12}
+            async with http.post(proc.url + "/v1/query", json=body) as r:
+                reply = (await r.json())["reply"]
+    finally:
+        proc.stop()
+    assert precision["kernels"] == "int8-avx2" and precision["cpu_capability"] == "AVX2"
+    assert precision["cpu_kind"] == "AVX2" and precision["isa_limit"] == "avx2"
+    assert [g["passed"] for g in precision["quality_gate"]] == [True]
+    assert "Paris" in reply
 
 
 async def test_server_auto_falls_back_and_says_why() -> None:

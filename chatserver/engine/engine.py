@@ -456,6 +456,7 @@ class InferenceEngine:
                 nice=5 if device == "cpu" and kind in ("gpu", "pool") else 0,
                 compile=s.compile,
                 int8_kernels=s.int8_kernels,
+                cpu_isa=s.cpu_isa,
                 skip_quality_gate=s.skip_quality_gate,
                 quality_max_ppl_ratio=s.quality_max_ppl_ratio,
                 quality_min_top1=s.quality_min_top1,

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 
 # WorkerConfig.int8_kernels: "auto" picks from the CPU's features (workers/precision.py).
 INT8_KERNEL_CHOICES = ("auto", "vnni", "avx2")
+# WorkerConfig.cpu_isa: "avx2" holds torch, fbgemm, oneDNN and MKL to AVX2
+# (workers/cpu_features.py), to run the AVX2 kernel paths on a newer CPU.
+CPU_ISA_CHOICES = ("native", "avx2")
 
 # Below this a temperature changes nothing a float32 softmax can show, and dividing
 # logits by it overflows: such requests decode greedily.
@@ -174,6 +177,7 @@ class WorkerConfig:
     nice: int = 0
     compile: bool = False  # torch.compile the runner's fusable pieces
     int8_kernels: str = "auto"  # "auto" (from CPU features), "vnni", "avx2"
+    cpu_isa: str = "native"  # "native" or "avx2" (CPU_ISA_CHOICES)
     skip_quality_gate: bool = False
     quality_max_ppl_ratio: float = 1.05
     quality_min_top1: float = 0.85

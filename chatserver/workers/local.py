@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from chatserver.protocol.worker import (
     WorkerConfig,
     WorkerToServer,
 )
+from chatserver.workers import cpu_features
 from chatserver.workers.core import WorkerCore, build_core, load_failure
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,9 @@ class ThreadWorker:
         on_message: Callable[[WorkerToServer], None],
         on_exit: Callable[[int], None],
     ) -> None:
+        # In-process: the switches hold only if set before torch first runs a kernel.
+        os.environ.update(cpu_features.isa_env(self.config.cpu_isa))
+
         def run() -> None:
             try:
                 core, ready = build_core(self.worker_id, self.config)
@@ -89,6 +94,7 @@ class InlineWorker:
         on_message: Callable[[WorkerToServer], None],
         on_exit: Callable[[int], None],
     ) -> None:
+        os.environ.update(cpu_features.isa_env(self.config.cpu_isa))  # as ThreadWorker
         self._core, ready = build_core(self.worker_id, self.config)  # blocks the loop, by design
         on_message(ready)
 

@@ -38,6 +38,7 @@ from chatserver.protocol.worker import (
     WorkerConfig,
     WorkerToServer,
 )
+from chatserver.workers import cpu_features
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,9 @@ class ProcessWorker:
             name=f"chatserver-worker-{self.worker_id}",
             daemon=True,
         )
-        self._process.start()
+        # The spawned interpreter inherits os.environ as it is now.
+        with cpu_features.isa_environment(self.config.cpu_isa):
+            self._process.start()
         child.close()
 
         process = self._process

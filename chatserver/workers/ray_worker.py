@@ -153,6 +153,7 @@ from chatserver.protocol.worker import (
     WorkerFailed,
     WorkerToServer,
 )
+from chatserver.workers import cpu_features
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +310,9 @@ class RayCluster:
             "namespace": NAMESPACE,
         }
         args = (worker_id, config, logging.getLogger().level, self.shared)
+        env = cpu_features.isa_env(config.cpu_isa)
+        if env:  # before the actor's interpreter imports torch, on whichever node
+            options["runtime_env"] = {"env_vars": env}
         if self.shared:
             # No placement group: an instance's group would end the actor with it.
             options.update(
