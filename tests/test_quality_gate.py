@@ -164,18 +164,24 @@ def test_server_refuses_to_start_on_a_failed_gate() -> None:
     assert "AVX2" in log  # the CPU capability it was measured on
 
 
-async def test_server_on_avx2_kernels_serves_7_bit_int8_correctly() -> None:
-    """The AVX2 machine's default, run on this one: int8-avx2 passes and answers right."""
-    proc = ServerProcess("--cpu-isa", "avx2", "--log-level", "warning").wait_ready()
+async def precision_and_answer(proc: ServerProcess) -> tuple[dict, str]:
+    """What a started server serves (/readyz) and its greedy answer to the test prompt;
+    then the server is stopped."""
     try:
         async with aiohttp.ClientSession() as http:
             async with http.get(proc.url + "/readyz") as r:
                 precision = (await r.json())["precision"]
             body = {"message": "What is the capital of France?", "temperature": 0, "max_tokens": 12}
             async with http.post(proc.url + "/v1/query", json=body) as r:
-                reply = (await r.json())["reply"]
+                return precision, (await r.json())["reply"]
     finally:
         proc.stop()
+
+
+async def test_server_on_avx2_kernels_serves_7_bit_int8_correctly() -> None:
+    """The AVX2 machine's default, run on this one: int8-avx2 passes and answers right."""
+    proc = ServerProcess("--cpu-isa", "avx2", "--log-level", "warning").wait_ready()
+    precision, reply = await precision_and_answer(proc)
     assert precision["kernels"] == "int8-avx2" and precision["cpu_capability"] == "AVX2"
     assert precision["cpu_kind"] == "AVX2" and precision["isa_limit"] == "avx2"
     assert [g["passed"] for g in precision["quality_gate"]] == [True]
@@ -184,15 +190,7 @@ async def test_server_on_avx2_kernels_serves_7_bit_int8_correctly() -> None:
 
 async def test_server_auto_falls_back_and_says_why() -> None:
     proc = ServerProcess("--quality-max-ppl-ratio", "0.5", "--log-level", "warning").wait_ready()
-    try:
-        async with aiohttp.ClientSession() as http:
-            async with http.get(proc.url + "/readyz") as r:
-                precision = (await r.json())["precision"]
-            body = {"message": "What is the capital of France?", "temperature": 0, "max_tokens": 12}
-            async with http.post(proc.url + "/v1/query", json=body) as r:
-                reply = (await r.json())["reply"]
-    finally:
-        proc.stop()
+    precision, reply = await precision_and_answer(proc)
     assert precision["dtype"] == "float32"
     assert [g["passed"] for g in precision["quality_gate"]] == [False] * len(
         precision["quality_gate"]
