@@ -53,9 +53,15 @@ def describe_precision(precision: dict[str, Any]) -> str:
         f"decode x{g['decode_ppl_ratio']}, top-1 {g['top1_agreement']})"
         for g in precision.get("quality_gate", [])
     )
+    held = (
+        f", held to {precision['isa_limit'].upper()} (--cpu-isa: that kind's kernels, "
+        "this CPU's speed)"
+        if precision.get("isa_limit")
+        else ""
+    )
     return (
         f"precision: {precision.get('dtype')} (kernels {precision.get('kernels')}) on "
-        f"{precision.get('device')}" + (f"; quality gate: {gate}" if gate else "")
+        f"{precision.get('device')}{held}" + (f"; quality gate: {gate}" if gate else "")
     )
 
 

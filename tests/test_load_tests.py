@@ -18,6 +18,7 @@ import pytest
 from load_tests import bench_batching, overload
 from load_tests.__main__ import main as load_main
 from load_tests.guard import RemoteURLRefused, check_url, is_loopback_host
+from load_tests.machine import describe_precision
 from load_tests.prompts import BUILTIN_PROMPTS, load_prompts, prompt_for
 from load_tests.runner import LoadSpec, arrival_schedule
 from load_tests.server import CLOCK_TICKS, measure_idle_cpu, parse_stat, tree_cpu_seconds
@@ -136,6 +137,14 @@ def test_overload_summary_splits_admitted_and_refused() -> None:
     assert summary["refusal_ms"]["max"] == pytest.approx(4.0)
     assert summary["samples"][0] == (0.0, 0.5, 2.0, None)
     assert overload.running_slots("--max-queue 2 --max-running 8") == 8
+
+
+def test_a_report_says_when_the_server_was_held_to_avx2() -> None:
+    """Figures of a --cpu-isa avx2 server are this CPU's speed, and the report says so."""
+    precision = {"dtype": "int8", "kernels": "int8-avx2", "device": "cpu"}
+    assert "held to" not in describe_precision(precision)
+    held = describe_precision({**precision, "isa_limit": "avx2"})
+    assert "held to AVX2" in held and "this CPU's speed" in held
 
 
 def test_markdown_table_aligns_columns() -> None:
