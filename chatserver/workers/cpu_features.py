@@ -146,7 +146,8 @@ def isa_environment(isa: str) -> Iterator[None]:
 
 
 def isa_limit(env: Mapping[str, str] = os.environ) -> str:
-    """ "avx2" when any library's switch holds it to AVX2 or less, else ""."""
+    """The limit the environment sets: "avx2" when any library's switch holds it to
+    AVX2 or less (a mixed setting counts as held), "" when none does."""
     if env.get("ATEN_CPU_CAPABILITY", "").lower() in ("avx2", "default"):
         return "avx2"
     for name in ("FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
