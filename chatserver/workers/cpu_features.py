@@ -33,7 +33,6 @@ from chatserver.protocol.worker import CPU_ISA_CHOICES
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
-ISA_CHOICES = CPU_ISA_CHOICES
 # Each library reads its switch once, when it first runs, so these must be in a
 # worker's environment before it imports torch: torch's vectorized kernels
 # (SDPA, norms, _weight_int8pack_mm), fbgemm's int8 GEMMs, oneDNN's bf16 GEMMs
@@ -104,8 +103,8 @@ def isa_env(isa: str) -> dict[str, str]:
     reused held to AVX2 gave NaN logits (test_compiled_runner_matches_eager with
     the variables set, on the AVX-512 EPYC; it passed with a fresh cache).
     """
-    if isa not in ISA_CHOICES:
-        raise ValueError(f"cpu isa must be one of {ISA_CHOICES}, not {isa!r}")
+    if isa not in CPU_ISA_CHOICES:
+        raise ValueError(f"cpu isa must be one of {CPU_ISA_CHOICES}, not {isa!r}")
     if isa == "native":
         return {}
     cache = _inductor_cache_dir()
@@ -117,7 +116,8 @@ def isa_env(isa: str) -> dict[str, str]:
 
 
 def _inductor_cache_dir() -> str:
-    """Where inductor caches by default (torch._inductor.runtime.cache_dir_utils)."""
+    """Where inductor caches by default: torch._inductor.runtime.cache_dir_utils's rule,
+    restated because importing that module imports torch, which the server does not."""
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         return os.environ["TORCHINDUCTOR_CACHE_DIR"].rstrip("/")
     try:
