@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from chatserver.config import DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR
 from chatserver.models.prompt import render
 from chatserver.workers import cpu_features, precision
+from chatserver.workers.calibration import DownCalibration
 from chatserver.workers.runner import LlamaRunner, StepItem
 from load_tests.machine import describe_machine, machine
 
@@ -76,7 +77,9 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     prompts = prompt_ids(tokenizer)
     exact = last_logits(LlamaRunner(model, 1024, slots=16), prompts, together=False)
-    int8 = LlamaRunner(model, 1024, slots=16, int8=kernels)
+    int8 = LlamaRunner(
+        model, 1024, slots=16, int8=kernels, calibration=DownCalibration(args.model, None)
+    )
     alone = last_logits(int8, prompts, together=False)
     batched = last_logits(int8, prompts, together=True)
     top = exact.argmax(dim=1)

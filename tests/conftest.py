@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +21,22 @@ if _TEST_ISA != "native":
     assert "torch" not in sys.modules, "torch was imported before the CPU ISA was set"
     os.environ.update(cpu_features.isa_env(_TEST_ISA))
 
+# The suite's servers keep their int8 calibration (workers/calibration.py) in a
+# directory of their own, measured once and read back by the rest, not in ~/.cache.
+_CACHE_DIR = None
+if not os.environ.get("CHATSERVER_CACHE_DIR"):
+    _CACHE_DIR = tempfile.mkdtemp(prefix="chatserver-test-cache-")
+    os.environ["CHATSERVER_CACHE_DIR"] = _CACHE_DIR
+
 from tests.serverproc import ServerProcess  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _CACHE_DIR is not None:
+        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -78,7 +78,7 @@ def test_cpu_isa_avx2_makes_any_cpu_an_avx2_one() -> None:
     assert capability == "AVX2" == described["cpu_capability"]
     assert described["isa_limit"] == "avx2" and described["cpu_kind"] == "AVX2"
     assert not described["vnni"] and not described["native_bf16"]
-    assert chain == ["int8-avx2", "float32"]
+    assert chain == ["int8-avx2", "int8-avx2-float-down", "float32"]
 
 
 @pytest.mark.parametrize(
@@ -103,8 +103,9 @@ def test_int8_kernels_follow_vnni() -> None:
     assert avx2.name == "int8-avx2"
     # 7-bit weights: u8 x s8 pair sums stay within int16 (vpmaddubsw saturates).
     assert 2 * 255 * avx2.weight_max <= 32767
-    # bf16 GEMMs only where the CPU has native bf16; float32 otherwise.
-    assert avx2.down_wide_dtype == torch.float32
+    # down_proj's many rows: smoothed int8 on AVX2; bf16 GEMMs only where the
+    # CPU has native bf16, float32 otherwise.
+    assert avx2.down_wide_dtype is None
     assert int8_kernels(AVX512_VNNI).down_wide_dtype == torch.float32
     assert int8_kernels(AVX512_VNNI_BF16).down_wide_dtype == torch.bfloat16
 
@@ -118,7 +119,11 @@ def test_forcing_kernels() -> None:
 
 def test_auto_chains_fastest_first_and_end_at_float32() -> None:
     chain = [c.kernels for c in candidates("auto", "cpu", AVX2)]
-    assert chain == ["int8-avx2", "float32"]  # emulated bf16 is slower than float32 batched
+    # Emulated bf16 is slower than float32 batched; int8 with an unsmoothed down_proj
+    # is the fallback for a model whose smoothing fails the gate.
+    assert chain == ["int8-avx2", "int8-avx2-float-down", "float32"]
+    exact_down = candidates("auto", "cpu", AVX2)[1].int8
+    assert exact_down is not None and exact_down.down_wide_dtype == torch.float32
     chain = [c.kernels for c in candidates("auto", "cpu", AVX512_VNNI_BF16)]
     assert chain == ["int8-vnni", "bfloat16-native", "float32"]
     chain = [c.kernels for c in candidates("auto", "cuda:0", AVX2)]
@@ -126,8 +131,12 @@ def test_auto_chains_fastest_first_and_end_at_float32() -> None:
     assert candidates("auto", "cpu", AVX2)[-1].is_reference
 
 
-def test_explicit_dtype_is_a_chain_of_one() -> None:
-    assert [c.kernels for c in candidates("int8", "cpu", AVX2)] == ["int8-avx2"]
+def test_explicit_dtype_chains_only_its_own_kernels() -> None:
+    assert [c.kernels for c in candidates("int8", "cpu", AVX2)] == [
+        "int8-avx2",
+        "int8-avx2-float-down",
+    ]
+    assert [c.kernels for c in candidates("int8", "cpu", AVX512_VNNI_BF16)] == ["int8-vnni"]
     assert [c.kernels for c in candidates("bfloat16", "cpu", AVX2)] == ["bfloat16-emulated"]
     assert [c.kernels for c in candidates("float32", "cpu", AVX2)] == ["float32"]
     # int8 kernels are fbgemm's (CPU); on a GPU int8 means its fast path, bf16.

@@ -89,6 +89,23 @@ def load_tokenizer(source: ModelSource) -> Any:
         raise _hub_error(source, exc) from exc
 
 
+def encode_with_model_tokenizer(model_path: str, text: str) -> list[int]:
+    """`text`'s token ids with the tokenizer of the local model at `model_path`.
+
+    Read with the `tokenizers` library from tokenizer.json where there is one
+    (the same Rust tokenizer a transformers fast tokenizer wraps, without
+    transformers' import), so a worker can tokenize its own fixed texts; a
+    model without tokenizer.json goes through transformers.
+    """
+    path = Path(model_path) / "tokenizer.json"
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        return list(Tokenizer.from_file(str(path)).encode(text).ids)
+    tokenizer = load_tokenizer(ModelSource(model_path, model_path, True))
+    return list(tokenizer(text)["input_ids"])
+
+
 def _named_tokenizer_class(source: ModelSource) -> Any:
     """The tokenizer class a local directory's tokenizer_config.json names, or None.
 

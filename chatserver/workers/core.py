@@ -28,7 +28,7 @@ from chatserver.protocol.worker import (
     WorkerFailed,
     WorkerReady,
 )
-from chatserver.workers import cpu_features, precision, quality_gate
+from chatserver.workers import calibration, cpu_features, precision, quality_gate
 from chatserver.workers.grammar import GrammarBook
 from chatserver.workers.kv_cache import KVCacheManager
 from chatserver.workers.runner import HFRunner, LlamaRunner, build_runner, supports_fast_runner
@@ -317,7 +317,16 @@ def _runner_for(
             # Compiled, the fbgemm int8 kernels gave other numerics (greedy answers
             # changed from the first token); int8 is CPU-only, where compile measured slower.
             log.warning("--compile is for float dtypes; int8 runs eager")
-        return build_runner(model, config.max_context, int8=candidate.int8)
+        return build_runner(
+            model,
+            config.max_context,
+            int8=candidate.int8,
+            calibration=(
+                calibration.for_model(config.model_path, candidate.int8)
+                if calibration.needed(candidate.int8)
+                else None
+            ),
+        )
     dtype = candidate.load_dtype
     if isinstance(model, LlamaWeights):
         model = model.to(dtype)  # a copy when the dtype differs

@@ -51,10 +51,11 @@ class Int8Kernels:
     # Scale each activation row to |x| <= 1 around the GEMM (see the module doc) in
     # steps of more rows than this.
     scale_rows_above: int
-    # down_proj: weight-only int8 (float activations) up to this many rows,
-    # then a float GEMM in `down_wide_dtype` (bf16 is fast only natively).
+    # down_proj: weight-only int8 (float activations) up to this many rows; above,
+    # a float GEMM in `down_wide_dtype`, or with None fbgemm on smoothed
+    # activations (see DownProjLinear).
     down_int8_max_rows: int
-    down_wide_dtype: torch.dtype
+    down_wide_dtype: torch.dtype | None
     # q/k/v and o projections: weight-only int8 (full-range weights, bf16
     # activations, see DownProjLinear) up to this many rows; 0: never.
     attn_weight_only_max_rows: int = 0
@@ -119,26 +120,56 @@ class WeightOnlyInt8:
 
 
 class DownProjLinear:
-    """down_proj beside int8 ones, with its activations left unquantized.
+    """down_proj beside int8 ones, with its activations' outlier channels kept out of int8.
 
     down_proj's inputs carry outlier channels that per-tensor int8 activations
     cannot represent (perplexity 15.96 -> 23.6 on the AVX2 machine when
-    quantized like the others), so only its weights are narrowed. For a few
-    rows the step is bound by reading weights and `_weight_int8pack_mm` reads
-    int8 weights against bf16 activations; for more rows a float GEMM wins.
-    30 layers' down_proj on AMD EPYC, torch capability AVX2, no VNNI (a timing
-    loop over F.linear and _weight_int8pack_mm, issue 8): int8 1.3 ms vs fp32
-    2.5 at 1 row, 5.1 vs 7.3 at 8, 9.9 vs 9.6 at 16, bf16 40 (4x fp32: no native
-    bf16). On the AVX-512+VNNI+BF16 EPYC (issue 3's session): int8 vs bf16 1.5 vs
-    3.7 ms at 1 row, even at 8, 7.2 vs 5.7 at 16.
+    quantized like the others, before rows were scaled). For a few rows the
+    step is bound by reading weights, and `_weight_int8pack_mm` reads int8
+    weights against bf16 activations, the most exact of the int8 kernels.
+    For more rows, one of:
+
+    * a float GEMM in `down_wide_dtype` (bf16 where the CPU has it natively);
+    * fbgemm on smoothed activations (`down_wide_dtype` None; SmoothQuant, Xiao
+      et al. 2023): x W^T = (x / s)(W s)^T with s_j = sqrt(max|x_j| / max|W_:,j|)
+      per input channel evens the ranges of activations and weights; max|x_j|
+      comes from the calibration text (workers/calibration.py).
+
+    On the 2-core AMD EPYC (torch capability AVX512, VNNI avx512_vnni; /tmp
+    timing loop over 30 distinct 576x1536 layers, 2 threads, 2026-12-03), 16
+    rows took: held to AVX2 (`--cpu-isa avx2`) 385 us a layer as a float32 GEMM,
+    360 weight-only and 134 smoothed through fbgemm; natively 202 as bf16 and
+    168 smoothed. So int8-avx2 smooths: its quality gate scored perplexity
+    x0.986, top-1 0.880 (x1.029, 0.901 with the float32 GEMM), and 1,535 tokens
+    of other text x1.040-1.047 of float32 (x1.038). int8-vnni keeps
+    bf16: smoothed, its gate's perplexity went from x1.025 to x1.045 and the
+    server's greedy answer to "What is the capital of France?" stopped being Paris.
     """
 
-    def __init__(self, weight: torch.Tensor, kernels: Int8Kernels) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        kernels: Int8Kernels,
+        input_max: torch.Tensor | None = None,
+    ) -> None:
         self.few = WeightOnlyInt8(weight, kernels.down_int8_max_rows)
         self.int8_max_rows = kernels.down_int8_max_rows
-        self.weight = weight.detach().to(kernels.down_wide_dtype).contiguous()
+        self.wide: torch.Tensor | None = None
+        self.smoothed: Int8Linear | None = None
+        if kernels.down_wide_dtype is not None:
+            self.wide = weight.detach().to(kernels.down_wide_dtype).contiguous()
+            return
+        if input_max is None:
+            raise ValueError(f"{kernels.name} smooths down_proj: it needs the input's range")
+        w = weight.detach().float()
+        smooth = (input_max.float().clamp(min=1e-5) / w.abs().amax(dim=0).clamp(min=1e-5)).sqrt()
+        self.inverse_smooth = (1.0 / smooth).to(weight.dtype)
+        self.smoothed = Int8Linear(w * smooth, kernels.weight_max, kernels.scale_rows_above)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= self.int8_max_rows:
             return self.few(x)
-        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        if self.wide is not None:
+            return F.linear(x.to(self.wide.dtype), self.wide).to(x.dtype)
+        assert self.smoothed is not None
+        return self.smoothed(x * self.inverse_smooth)

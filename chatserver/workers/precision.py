@@ -1,7 +1,8 @@
 """Which precisions a worker may serve, fastest first, for the device and CPU it runs on.
 
 `--dtype auto` walks the whole chain until one passes the quality gate
-(quality_gate.py); an explicit `--dtype` is a chain of one. The order on CPU
+(quality_gate.py); an explicit `--dtype` walks only its own kernels (one,
+but int8-avx2 is followed by int8-avx2-float-down). The order on CPU
 comes from `python -m load_tests.precision` on each kind of CPU (README,
 "Precision"): int8 first everywhere; then bfloat16 only where the CPU has
 native bf16 (without it a bf16 GEMM measured 4-10x slower than float32 at
@@ -10,6 +11,7 @@ native bf16 (without it a bf16 GEMM measured 4-10x slower than float32 at
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +58,7 @@ def int8_kernels(cpu: CpuFeatures, choice: str = "auto") -> Int8Kernels:
     if choice not in INT8_KERNEL_CHOICES:
         raise PrecisionUnavailable(f"--int8-kernels must be one of {INT8_KERNEL_CHOICES}")
     use_vnni = cpu.vnni if choice == "auto" else choice == "vnni"
+    # down_proj's many-row GEMM: see kernels.DownProjLinear for why each.
     wide = torch.bfloat16 if cpu.native_bf16 else torch.float32
     if use_vnni:
         return Int8Kernels(
@@ -70,14 +73,23 @@ def int8_kernels(cpu: CpuFeatures, choice: str = "auto") -> Int8Kernels:
         weight_max=63,
         scale_rows_above=1,
         down_int8_max_rows=8,
-        down_wide_dtype=wide,
+        down_wide_dtype=None,
         attn_weight_only_max_rows=4,
     )
 
 
-def _int8(cpu: CpuFeatures, choice: str) -> Candidate:
+def _int8(cpu: CpuFeatures, choice: str) -> list[Candidate]:
     kernels = int8_kernels(cpu, choice)
-    return Candidate("int8", kernels.name, kernels)
+    chain = [Candidate("int8", kernels.name, kernels)]
+    if kernels.down_wide_dtype is None:
+        # Smoothing is calibrated on one text (workers/calibration.py); for a model
+        # whose gate it fails, int8 with a float32 down_proj may still pass, and
+        # is faster than float32.
+        exact = dataclasses.replace(
+            kernels, name=kernels.name + "-float-down", down_wide_dtype=torch.float32
+        )
+        chain.append(Candidate("int8", exact.name, exact))
+    return chain
 
 
 def _float(dtype: str, device: str, cpu: CpuFeatures) -> Candidate:
@@ -96,7 +108,7 @@ def candidates(
     if dtype == "auto":
         if cuda:
             return [_float("bfloat16", device, cpu), _float("float32", device, cpu)]
-        chain = [_int8(cpu, int8_choice)]
+        chain = _int8(cpu, int8_choice)
         if cpu.native_bf16:
             chain.append(_float("bfloat16", device, cpu))
         chain.append(_float("float32", device, cpu))
@@ -105,7 +117,7 @@ def candidates(
         if cuda:
             # The int8 kernels are fbgemm's (CPU only); bf16 is the fast GPU path.
             return [_float("bfloat16", device, cpu)]
-        return [_int8(cpu, int8_choice)]
+        return _int8(cpu, int8_choice)
     if dtype not in TORCH_DTYPES:
         raise PrecisionUnavailable(f"unknown dtype {dtype!r}")
     return [_float(dtype, device, cpu)]

@@ -73,21 +73,11 @@ def probe_ids(tokenizer: Any) -> list[int]:
 
 
 def probe_from_files(model_path: str) -> list[int]:
-    """The probe's token ids, read with the `tokenizers` library from tokenizer.json.
+    """The probe's token ids, tokenized by the worker itself (so the server can
+    spawn it before loading its own tokenizer)."""
+    from chatserver.models.loading import encode_with_model_tokenizer
 
-    The worker tokenizes its own probe, so the server can spawn it before
-    loading its tokenizer. The same Rust tokenizer a transformers fast
-    tokenizer wraps, without transformers' import; a model with no
-    tokenizer.json goes through transformers.
-    """
-    path = Path(model_path) / "tokenizer.json"
-    if path.is_file():
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_file(str(path)).encode(QUALITY_TEXT.read_text()).ids[:PROBE_TOKENS]
-    from chatserver.models.loading import ModelSource, load_tokenizer
-
-    return probe_ids(load_tokenizer(ModelSource(model_path, model_path, True)))
+    return encode_with_model_tokenizer(model_path, QUALITY_TEXT.read_text())[:PROBE_TOKENS]
 
 
 @torch.inference_mode()
