@@ -224,8 +224,7 @@ class LlamaRunner:
 
         down_proj goes last: a smoothed one (kernels.DownProjLinear) needs its
         input's range, measured with the other projections already int8, as
-        they will be when serving, and faster (a float32 calibration prefill
-        took 0.7-0.9 s on that machine).
+        they will be when serving.
         """
         wmax, rows = int8.weight_max, int8.scale_rows_above
         few = int8.attn_weight_only_max_rows
