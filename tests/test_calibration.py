@@ -27,8 +27,8 @@ def float_runner(model_dir: Path) -> LlamaRunner:
 
 
 def test_only_kernels_that_smooth_down_proj_calibrate() -> None:
-    assert calibration.needed(AVX2_KERNELS)
-    assert not calibration.needed(int8_kernels(cpu_features.detect(), "vnni"))
+    assert AVX2_KERNELS.smooths_down
+    assert not int8_kernels(cpu_features.detect(), "vnni").smooths_down
 
 
 def test_the_calibration_text_is_not_the_quality_gates_probe(model_dir: Path) -> None:

@@ -42,11 +42,6 @@ CACHE_DIR_ENV = "CHATSERVER_CACHE_DIR"
 MEASUREMENT_VERSION = 1
 
 
-def needed(kernels: Int8Kernels) -> bool:
-    """Only kernels that smooth down_proj calibrate (the others skip the prefill)."""
-    return kernels.down_wide_dtype is None
-
-
 def calibration_ids(model_path: str) -> list[int]:
     """The calibration text's token ids with the model's own tokenizer."""
     ids = encode_with_model_tokenizer(model_path, CALIBRATION_TEXT.read_text())

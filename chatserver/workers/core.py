@@ -323,7 +323,7 @@ def _runner_for(
             int8=candidate.int8,
             calibration=(
                 calibration.for_model(config.model_path, candidate.int8)
-                if calibration.needed(candidate.int8)
+                if candidate.int8.smooths_down
                 else None
             ),
         )

@@ -60,6 +60,11 @@ class Int8Kernels:
     # activations, see DownProjLinear) up to this many rows; 0: never.
     attn_weight_only_max_rows: int = 0
 
+    @property
+    def smooths_down(self) -> bool:
+        """down_proj's many rows go through fbgemm smoothed, which needs a calibration."""
+        return self.down_wide_dtype is None
+
 
 class Int8Linear:
     """A linear weight quantized per output channel, activations quantized per call (fbgemm)."""

@@ -81,7 +81,7 @@ def int8_kernels(cpu: CpuFeatures, choice: str = "auto") -> Int8Kernels:
 def _int8(cpu: CpuFeatures, choice: str) -> list[Candidate]:
     kernels = int8_kernels(cpu, choice)
     chain = [Candidate("int8", kernels.name, kernels)]
-    if kernels.down_wide_dtype is None:
+    if kernels.smooths_down:
         # Smoothing is calibrated on one text (workers/calibration.py); for a model
         # whose gate it fails, int8 with a float32 down_proj may still pass, and
         # is faster than float32.

@@ -50,7 +50,6 @@ import torch.nn.functional as F
 
 from chatserver.models.llama_weights import LlamaWeights
 from chatserver.workers.calibration import DownCalibration
-from chatserver.workers.calibration import needed as calibration_needed
 from chatserver.workers.kernels import DownProjLinear, Int8Kernels, Int8Linear
 from chatserver.workers.kv_cache import SlotClear, SlotCopy, SlotOp, SlotSwap
 
@@ -185,7 +184,7 @@ class LlamaRunner:
         self.v_cache: list[torch.Tensor] = []
         self.int8 = int8
         if int8 is not None:
-            if calibration_needed(int8) and calibration is None:
+            if int8.smooths_down and calibration is None:
                 raise ValueError(f"{int8.name} needs a calibration (workers/calibration.py)")
             self._quantize(int8, calibration)
         if compile:
@@ -203,6 +202,8 @@ class LlamaRunner:
     @torch.inference_mode()
     def down_input_maxima(self, token_ids: list[int]) -> list[torch.Tensor]:
         """Each layer's largest |input| per channel of down_proj over one prefill of `token_ids`."""
+        if self.slots < 1:
+            self.reserve_slots(1)  # the prefill writes the cache; reserved again after load
         recorders = [_InputMaxRecorder(layer[6]) for layer in self.layers]
         weights = self.layers
         self.layers = [layer[:6] + (rec,) for layer, rec in zip(weights, recorders, strict=True)]
@@ -246,9 +247,8 @@ class LlamaRunner:
             self.layers = list(pool.map(layer, self.layers))
             self.lm_head = head.result()
             input_max: list[torch.Tensor | None] = [None] * self.num_layers
-            if calibration_needed(int8):
+            if int8.smooths_down:
                 assert calibration is not None
-                self.reserve_slots(1)
                 input_max = list(calibration.input_maxima(self.down_input_maxima))
             downs = pool.map(
                 lambda weights, m: DownProjLinear(weights[6], int8, m), self.layers, input_max
