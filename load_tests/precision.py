@@ -61,7 +61,9 @@ def main() -> None:
     prompts = [render(tokenizer, [{"role": "user", "content": p}]) for p in BUILTIN_PROMPTS[:16]]
     probe = quality_gate.probe_ids(tokenizer)
     fp32_model = AutoModelForCausalLM.from_pretrained(args.model_dir).eval()
-    gate_reference = quality_gate.reference_logits(fp32_model, probe)
+    gate_reference = quality_gate.GateReference.from_logits(
+        quality_gate.reference_logits(fp32_model, probe), probe
+    )
     del fp32_model
     print(describe_machine(machine()))
     print(

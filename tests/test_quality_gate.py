@@ -8,12 +8,17 @@ are forced by an unreachable bound, so they run on every kind of CPU.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 
 import aiohttp
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from chatserver.models.llama_weights import read_llama_weights
 from chatserver.protocol.worker import WorkerConfig
 from chatserver.workers import cpu_features, quality_gate
 from chatserver.workers.core import build_core
@@ -114,16 +119,47 @@ def test_the_worker_tokenizes_the_probe_as_transformers_does(model_dir, tokenize
     assert ids == quality_gate.probe_ids(tokenizer)
 
 
+def test_the_float32_reference_is_kept_and_read_back(
+    model_dir, tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart reads float32's scores of the probe instead of computing them; they
+    equal a fresh computation's, and a torn file or a changed model computes them again."""
+    monkeypatch.setenv("CHATSERVER_CACHE_DIR", str(tmp_path / "cache"))
+    weights = read_llama_weights(model_dir, torch.float32)
+    ids = quality_gate.probe_ids(tokenizer)
+    fresh = quality_gate.GateReference.from_logits(quality_gate.reference_logits(weights, ids), ids)
+    assert len(fresh.top1) == len(ids) and fresh.nll > 0
+    assert quality_gate.cached_reference(weights, str(model_dir), ids) == fresh
+    (kept,) = (tmp_path / "cache").glob("gate-reference-*.json")
+    # What the next start uses is the file: altered, it is what comes back.
+    altered = {**json.loads(kept.read_text()), "nll": 123.0}
+    kept.write_text(json.dumps(altered))
+    assert quality_gate.cached_reference(weights, str(model_dir), ids).nll == 123.0
+    kept.write_text('{"nll": 1.0, "decode')  # torn
+    assert quality_gate.cached_reference(weights, str(model_dir), ids) == fresh
+    assert json.loads(kept.read_text())["nll"] == fresh.nll
+    # Another probe, or the same model's files changed, is another entry.
+    quality_gate.cached_reference(weights, str(model_dir), ids[:100])
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for path in Path(model_dir).iterdir():
+        if path.is_file():
+            os.link(path, copy / path.name)
+    quality_gate.cached_reference(weights, str(copy), ids)
+    assert len(list((tmp_path / "cache").glob("gate-reference-*.json"))) == 3
+
+
 def test_broken_kernels_fail_on_figures_not_crashes(model_dir, tokenizer) -> None:
     """A runner answering noise is judged on its figures: non-finite logits fail too."""
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids = quality_gate.probe_ids(tokenizer)
-    reference = quality_gate.reference_logits(model, ids)
+    logits = quality_gate.reference_logits(model, ids)
 
     class NaNRunner:
         def sequence_logits(self, token_ids, chunk=None):
-            return reference[: len(token_ids)] * float("nan")
+            return logits[: len(token_ids)] * float("nan")
 
+    reference = quality_gate.GateReference.from_logits(logits, ids)
     result = quality_gate.check(
         NaNRunner(), reference, ids, "int8", "broken", quality_gate.GateBounds()
     )

@@ -84,23 +84,34 @@ class DownCalibration:
 
 
 def cache_dir() -> Path:
-    """$CHATSERVER_CACHE_DIR, else chatserver/calibration under $XDG_CACHE_HOME or ~/.cache."""
+    """$CHATSERVER_CACHE_DIR, else chatserver/calibration under $XDG_CACHE_HOME or ~/.cache.
+
+    It also holds the quality gate's float32 reference (quality_gate.cached_reference).
+    """
     if os.environ.get(CACHE_DIR_ENV):
         return Path(os.environ[CACHE_DIR_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "chatserver" / "calibration"
 
 
+def model_fingerprint(model_path: str) -> str:
+    """The model's directory and its files by name, size and modification time: what a
+    measurement at load is keyed by (hashing gigabytes of weights would cost more)."""
+    model_dir = Path(model_path)
+    parts = [str(model_dir.resolve())]
+    for path in sorted(model_dir.iterdir()) if model_dir.is_dir() else ():
+        if path.is_file() and path.suffix in (".json", ".safetensors", ".bin", ".model"):
+            stat = path.stat()
+            parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return ";".join(parts)
+
+
 def cache_key(model_path: str, kernels: Int8Kernels) -> str:
     """A digest of everything the measured maxima depend on."""
     digest = hashlib.sha256(f"v{MEASUREMENT_VERSION};".encode())
     digest.update(CALIBRATION_TEXT.read_bytes())
-    model_dir = Path(model_path)
-    for path in sorted(model_dir.iterdir()) if model_dir.is_dir() else ():
-        if path.is_file() and path.suffix in (".json", ".safetensors", ".bin", ".model"):
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    digest.update(f"{model_dir.resolve()};{kernels};{torch.__version__};{isa_limit()}".encode())
+    digest.update(model_fingerprint(model_path).encode())
+    digest.update(f";{kernels};{torch.__version__};{isa_limit()}".encode())
     return digest.hexdigest()[:32]
 
 

@@ -224,7 +224,7 @@ def build_core(worker_id: int, config: WorkerConfig) -> tuple[WorkerCore, Worker
     reference = probe = None
     if gated:
         probe = quality_gate.probe_from_files(config.model_path)
-        reference = quality_gate.reference_logits(model, probe)
+        reference = quality_gate.cached_reference(model, config.model_path, probe)
     bounds = quality_gate.GateBounds(config.quality_max_ppl_ratio, config.quality_min_top1)
     results: list[quality_gate.GateResult] = []
     runner: LlamaRunner | HFRunner | None = None
