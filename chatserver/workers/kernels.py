@@ -110,6 +110,17 @@ class WeightOnlyInt8:
     perplexity at x0.99-1.01 of float32 where fbgemm's q/k/v/o scored x1.01
     or x1.075 depending on rounding elsewhere (the rotary's form). So int8-avx2
     uses it for q/k/v and o in steps of up to 4 rows; not measured on VNNI.
+
+    Held to AVX2 on the AVX-512 EPYC (`--cpu-isa avx2`; torch capability
+    AVX512, VNNI avx512_vnni, 2026-12-03) fbgemm was the faster at one row
+    (/tmp timing loop over 30 distinct layers: q/k/v 53 against 75 us, o 35
+    against 52, down_proj smoothed 58 against 92). Every projection through
+    fbgemm at every row count made a one-sequence step 7-17% faster in the
+    runner alone, yet `python -m load_tests.bench_batching --levels 1,4,16
+    --server-args "--cpu-isa avx2"` gave 50.6 and 45.6 tok/s for one stream
+    against 45.3 and 44.5 (this VM's noise), and the gate's decode perplexity
+    went from x0.989 to x1.012, top-1 from 0.880 to 0.870. Not adopted, as the
+    AVX2 CPU itself timed the two kernels alike at one row.
     """
 
     def __init__(self, weight: torch.Tensor, max_rows: int) -> None:
