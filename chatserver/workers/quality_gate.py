@@ -20,7 +20,7 @@ Cost: one float32 forward of the probe plus the candidate's prefill and
 a gate timing run; float32 is the reference and is not gated),
 and the float32 weights must fit beside the candidate's while loading (for a
 large model on a GPU, twice its bf16 size; `--skip-quality-gate` skips it).
-The float32 forward is needed once per model and machine: its scores
+The float32 forward is needed once per model, torch and device: its scores
 (`GateReference`, a few hundred numbers) are kept on disk beside the int8
 calibration (`cached_reference`), so a restart runs only the candidate. That
 forward took 0.46-0.68 s of a start for the default model on the 2-core AMD
