@@ -21,8 +21,9 @@ if _TEST_ISA != "native":
     assert "torch" not in sys.modules, "torch was imported before the CPU ISA was set"
     os.environ.update(cpu_features.isa_env(_TEST_ISA))
 
-# The suite's servers keep their int8 calibration (workers/calibration.py) in a
-# directory of their own, measured once and read back by the rest, not in ~/.cache.
+# The suite's servers keep what they measure at load (workers/measurement_cache.py:
+# the int8 calibration, the gate's reference) in a directory of their own,
+# measured once and read back by the rest, not in ~/.cache.
 _CACHE_DIR = None
 if not os.environ.get("CHATSERVER_CACHE_DIR"):
     _CACHE_DIR = tempfile.mkdtemp(prefix="chatserver-test-cache-")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from chatserver.models.llama_weights import read_llama_weights
-from chatserver.workers import calibration, cpu_features
+from chatserver.workers import calibration, cpu_features, measurement_cache
 from chatserver.workers.calibration import DownCalibration
 from chatserver.workers.precision import int8_kernels
 from chatserver.workers.quality_gate import QUALITY_TEXT
@@ -83,12 +83,12 @@ def test_the_cache_key_follows_the_model_files_and_the_kernels(tmp_path: Path) -
 def test_the_cache_lives_where_chatserver_cache_dir_says(
     model_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv(calibration.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(measurement_cache.CACHE_DIR_ENV, str(tmp_path))
     calib = calibration.for_model(str(model_dir), AVX2_KERNELS)
     assert calib.cache_file is not None and calib.cache_file.parent == tmp_path
-    monkeypatch.delenv(calibration.CACHE_DIR_ENV)
+    monkeypatch.delenv(measurement_cache.CACHE_DIR_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert calibration.cache_dir() == tmp_path / "xdg" / "chatserver" / "calibration"
+    assert measurement_cache.cache_dir() == tmp_path / "xdg" / "chatserver" / "calibration"
 
 
 def test_a_cached_calibration_builds_the_same_int8_runner(model_dir: Path, tmp_path: Path) -> None:

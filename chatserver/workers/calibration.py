@@ -14,15 +14,14 @@ The measurement (0.5-0.9 s of a worker's start on the 2-core AMD EPYC held
 to AVX2, torch capability AVX512, VNNI avx512_vnni) is kept on disk, keyed by
 everything it depends on (the text, the model's files by name, size and
 modification time, the kernels, torch and the CPU's limit), so a restart of
-the same model reads it back instead.
+the same model reads it back instead (measurement_cache.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +31,12 @@ import torch
 from chatserver.models.loading import encode_with_model_tokenizer
 from chatserver.workers.cpu_features import isa_limit
 from chatserver.workers.kernels import Int8Kernels
+from chatserver.workers.measurement_cache import cache_dir, model_fingerprint, write_atomically
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_TEXT = Path(__file__).with_name("calibration_text.txt")
 CALIBRATION_TOKENS = 512
-CACHE_DIR_ENV = "CHATSERVER_CACHE_DIR"
 # Bump when what is measured changes meaning (cached files of the old one are then ignored).
 MEASUREMENT_VERSION = 1
 
@@ -68,42 +67,10 @@ class DownCalibration:
                 log.warning("calibration cache %s unreadable (%s); measuring", self.cache_file, exc)
         maxima = measure(calibration_ids(self.model_path))
         if self.cache_file is not None:
-            self._store(self.cache_file, maxima)
+            data = io.BytesIO()
+            torch.save([m.cpu() for m in maxima], data)
+            write_atomically(self.cache_file, data.getvalue())
         return maxima
-
-    @staticmethod
-    def _store(path: Path, maxima: list[torch.Tensor]) -> None:
-        """Written whole or not at all (workers of one server may race to it)."""
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
-                torch.save([m.cpu() for m in maxima], tmp)
-            os.replace(tmp.name, path)
-        except OSError as exc:
-            log.warning("calibration not cached at %s: %s", path, exc)
-
-
-def cache_dir() -> Path:
-    """$CHATSERVER_CACHE_DIR, else chatserver/calibration under $XDG_CACHE_HOME or ~/.cache.
-
-    It also holds the quality gate's float32 reference (quality_gate.cached_reference).
-    """
-    if os.environ.get(CACHE_DIR_ENV):
-        return Path(os.environ[CACHE_DIR_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "chatserver" / "calibration"
-
-
-def model_fingerprint(model_path: str) -> str:
-    """The model's directory and its files by name, size and modification time: what a
-    measurement at load is keyed by (hashing gigabytes of weights would cost more)."""
-    model_dir = Path(model_path)
-    parts = [str(model_dir.resolve())]
-    for path in sorted(model_dir.iterdir()) if model_dir.is_dir() else ():
-        if path.is_file() and path.suffix in (".json", ".safetensors", ".bin", ".model"):
-            stat = path.stat()
-            parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
-    return ";".join(parts)
 
 
 def cache_key(model_path: str, kernels: Int8Kernels) -> str:

@@ -32,10 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,9 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from chatserver.models.llama_weights import LlamaWeights
-from chatserver.workers.calibration import cache_dir, model_fingerprint
-
-log = logging.getLogger(__name__)
+from chatserver.workers.measurement_cache import cache_dir, model_fingerprint, write_atomically
 
 QUALITY_TEXT = Path(__file__).with_name("quality_text.txt")
 PROBE_TOKENS = 128
@@ -149,13 +144,7 @@ def cached_reference(model: Any, model_path: str, ids: list[int]) -> GateReferen
     except (OSError, ValueError, KeyError, TypeError):
         pass  # none yet, or a torn or foreign file: compute it
     reference = GateReference.from_logits(reference_logits(model, ids), ids)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
-            json.dump(asdict(reference), tmp)
-        os.replace(tmp.name, path)  # whole or not at all: a server's workers may race
-    except OSError as exc:
-        log.warning("quality gate reference not cached at %s: %s", path, exc)
+    write_atomically(path, json.dumps(asdict(reference)).encode())
     return reference
 
 
