@@ -21,7 +21,13 @@ from chatserver.workers import cpu_features, quality_gate
 from chatserver.workers.core import build_core
 from chatserver.workers.kernels import DownProjLinear, Int8Linear
 from chatserver.workers.precision import int8_kernels
-from chatserver.workers.runner import LlamaRunner, StepItem, zeroed_cache
+from chatserver.workers.runner import (
+    WEIGHT_FIRST_MAX_ROWS,
+    LlamaRunner,
+    StepItem,
+    linear,
+    zeroed_cache,
+)
 from load_tests.batch_effect import PROMPTS as BATCH_EFFECT_PROMPTS
 
 QUALITY_TEXT = quality_gate.QUALITY_TEXT
@@ -97,6 +103,25 @@ def test_greedy_output_is_batch_invariant_fp32(tokenizer, model_dir):
     for i in (0, 6, 13):
         alone = run_core(core, [prompts[i]], 24, first_id=100 + i)[100 + i]
         assert alone == batched[i], f"prompt {i} differs in a batch"
+
+
+def test_float32_rows_keep_their_results_within_each_step_size_class(hf_model):
+    """A row's float32 projection is bit-identical in any step of 1 to 3 rows (the
+    weight-first GEMM) and in any step of 4 or more (F.linear), for every weight shape
+    the default model has; and both forms agree with F.linear to rounding."""
+    torch.manual_seed(0)
+    weights = LlamaRunner(hf_model, 64, slots=1)
+    _, qkv, _, o, _, gu, down = weights.layers[0]
+    for weight in (qkv, o, gu, down, weights.lm_head):
+        x = torch.randn(40, weight.shape[1])
+        first = {rows: linear(x[:rows], weight)[0] for rows in (1, 2, 3, 4, 5, 9, 16, 17, 40)}
+        few = [r for r in first if r <= WEIGHT_FIRST_MAX_ROWS]
+        many = [r for r in first if r > WEIGHT_FIRST_MAX_ROWS]
+        assert few == [1, 2, 3], "the classes this test describes"
+        assert all(torch.equal(first[r], first[1]) for r in few), tuple(weight.shape)
+        assert all(torch.equal(first[r], first[4]) for r in many), tuple(weight.shape)
+        exact = torch.nn.functional.linear(x[:1], weight)[0]
+        torch.testing.assert_close(first[1], exact, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

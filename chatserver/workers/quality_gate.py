@@ -48,7 +48,7 @@ QUALITY_TEXT = Path(__file__).with_name("quality_text.txt")
 PROBE_TOKENS = 128
 DECODE_TOKENS = 64
 # Bump when GateReference's meaning changes (cached files of the old one are then ignored).
-REFERENCE_VERSION = 1
+REFERENCE_VERSION = 2
 
 
 @dataclass(frozen=True)
