@@ -123,7 +123,7 @@ def test_the_float32_reference_is_kept_and_read_back(
     model_dir, tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A restart reads float32's scores of the probe instead of computing them; they
-    equal a fresh computation's, and a torn file or a changed model computes them again."""
+    equal a fresh computation's, and a torn file or another model directory computes them again."""
     monkeypatch.setenv("CHATSERVER_CACHE_DIR", str(tmp_path / "cache"))
     weights = read_llama_weights(model_dir, torch.float32)
     ids = quality_gate.probe_ids(tokenizer)
@@ -138,7 +138,7 @@ def test_the_float32_reference_is_kept_and_read_back(
     kept.write_text('{"nll": 1.0, "decode')  # torn
     assert quality_gate.cached_reference(weights, str(model_dir), ids) == fresh
     assert json.loads(kept.read_text())["nll"] == fresh.nll
-    # Another probe, or the same model's files changed, is another entry.
+    # Another probe, or the same files in another directory, is another entry.
     quality_gate.cached_reference(weights, str(model_dir), ids[:100])
     copy = tmp_path / "model"
     copy.mkdir()

@@ -103,8 +103,12 @@ def reference_logits(model: Any, ids: list[int]) -> torch.Tensor:
         from chatserver.workers.runner import LlamaRunner
 
         return LlamaRunner(model, len(ids), slots=1).sequence_logits(ids)
-    device = next(model.parameters()).device
-    return model(torch.tensor([ids], device=device)).logits[0].float()
+    return model(torch.tensor([ids], device=_device_of(model))).logits[0].float()
+
+
+def _device_of(model: Any) -> torch.device:
+    """Where the weights `reference_logits` takes (ours or a transformers model) live."""
+    return model.device if isinstance(model, LlamaWeights) else next(model.parameters()).device
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -132,9 +136,10 @@ class GateReference:
 def cached_reference(model: Any, model_path: str, ids: list[int]) -> GateReference:
     """float32's GateReference for this model's probe: read from cache_dir(), or
     computed (`reference_logits`) and kept there for the next start."""
-    device = model.device if isinstance(model, LlamaWeights) else next(model.parameters()).device
     digest = hashlib.sha256(f"v{REFERENCE_VERSION};{json.dumps(ids)};".encode())
-    digest.update(f"{model_fingerprint(model_path)};{torch.__version__};{device}".encode())
+    digest.update(
+        f"{model_fingerprint(model_path)};{torch.__version__};{_device_of(model)}".encode()
+    )
     path = cache_dir() / f"gate-reference-{digest.hexdigest()[:32]}.json"
     try:
         cached = json.loads(path.read_text())
