@@ -1,5 +1,7 @@
 """Chat prompts: template, truncation from the oldest turns, context errors."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -177,3 +179,26 @@ def test_history_is_dropped_in_large_steps_so_the_prompt_start_stays(tokenizer):
         assert len(b.ids) <= len(a.ids) - step // 2, (len(a.ids), len(b.ids))
     # ...so the start moved only every few turns: a quarter of the context is 5-6 turns here.
     assert moved and len(pairs) - len(moved) >= 4 * len(moved)
+
+
+def test_prompts_rendered_at_once_in_threads_match_those_rendered_alone(tokenizer):
+    """The server renders prompts in a pool of threads, all with one tokenizer.
+
+    A fast tokenizer keeps "split special tokens" as a setting of its Rust
+    tokenizer, which a call asking for it writes. When contents were tokenized
+    with that setting passed per call, another thread's markup was now and then
+    tokenized under it: `<|im_start|>` became plain text, and the model answered
+    with its system prompt (2% of replies to 3 prompts sent twice at once, a
+    float32 server, 40 rounds). Typed markers could as well have become control tokens.
+    """
+    conversations = [
+        [{"role": "user", "content": FORGED}],
+        [{"role": "user", "content": "Count from one to five."}],
+        conversation(2),
+    ]
+    alone = [render(tokenizer, msgs) for msgs in conversations]
+    jobs = [i % len(conversations) for i in range(600)]
+    with ThreadPoolExecutor(4) as pool:
+        rendered = list(pool.map(lambda i: render(tokenizer, conversations[i]), jobs))
+    wrong = [i for i, ids in zip(jobs, rendered, strict=True) if ids != alone[i]]
+    assert not wrong, f"{len(wrong)} of {len(jobs)} prompts rendered differently in threads"
