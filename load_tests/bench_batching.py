@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level-duration", type=positive_float, default=180.0, help="cap, s a level")
     p.add_argument("--idle-seconds", type=non_negative_float, default=10.0, help="0: skip")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured requests before all")
+    p.add_argument(
+        "--fresh-connections",
+        action="store_true",
+        help="a new connection a request (llama-server closes kept-alive streams)",
+    )
     add_benchmark_args(p, plot_help="PNG of latency and throughput vs concurrency")
     return p
 
@@ -143,6 +148,7 @@ def run_levels(
                 probe_rate=args.probe_rate,
                 progress=not args.no_progress,
                 desc=f"c={c}",
+                fresh_connections=args.fresh_connections,
             )
         )
         # How much of a core the server itself spends per streamed token: the front
@@ -232,7 +238,14 @@ def _bench(
     say(f"server {url}: {json.dumps(info)}")
     try:  # first-use costs (model warm-up, thread pools) are not what we measure
         if args.warmup:
-            run_async(warm_server(url, args.mode, args.warmup, request_timeout=args.timeout))
+            warm = warm_server(
+                url,
+                args.mode,
+                args.warmup,
+                request_timeout=args.timeout,
+                fresh_connections=args.fresh_connections,
+            )
+            run_async(warm)
     except WarmupFailed as e:
         say(f"bench_batching: {url}: {e}")
         return None
@@ -341,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rounds": args.rounds,
             "min_requests": args.min_requests,
             "probe_rate": args.probe_rate,
+            "fresh_connections": args.fresh_connections,
         }
         write_json(
             args.json, {"tool": "bench_batching", "config": config, **run, "baseline": baseline}

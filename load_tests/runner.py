@@ -181,10 +181,17 @@ async def warm_up(client: Client, max_tokens: int = 8) -> RequestResult:
 
 
 async def warm_server(
-    base_url: str, mode: str, count: int = 1, *, request_timeout: float = 300.0
+    base_url: str,
+    mode: str,
+    count: int = 1,
+    *,
+    request_timeout: float = 300.0,
+    fresh_connections: bool = False,
 ) -> None:
     """``count`` unmeasured test requests on their own client (see ``warm_up``)."""
-    async with open_client(mode, base_url, request_timeout=request_timeout) as client:
+    async with open_client(
+        mode, base_url, request_timeout=request_timeout, fresh_connections=fresh_connections
+    ) as client:
         for _ in range(count):
             await warm_up(client)
 
@@ -201,10 +208,17 @@ async def run_pass(
     probe_rate: float | None = None,
     progress: bool = False,
     desc: str = "",
+    fresh_connections: bool = False,
 ) -> dict[str, Any]:
     """Warm up, run one pass (with a ``/healthz`` prober alongside if ``probe_rate``),
     and return its summary (with a ``healthz`` entry when probed)."""
-    async with open_client(mode, base_url, request_timeout=request_timeout, model=model) as client:
+    async with open_client(
+        mode,
+        base_url,
+        request_timeout=request_timeout,
+        model=model,
+        fresh_connections=fresh_connections,
+    ) as client:
         for _ in range(warmup):
             await warm_up(client, min(8, spec.max_tokens))
         if probe_rate:

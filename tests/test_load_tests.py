@@ -456,3 +456,40 @@ def test_gemm_ceiling_times_every_kernel_path(tmp_path: Path) -> None:
     macs = 2 * (960 * 576 + 576 * 576 + 3072 * 576 + 576 * 1536) + 49152 * 576
     for r in rows:
         assert r["gops"] == pytest.approx(2 * macs * r["rows"] / r["step_ms"] / 1e6, rel=0.02)
+
+
+async def test_fresh_connections_survive_a_server_that_closes_kept_alive_streams() -> None:
+    """llama-server advertises keep-alive, then closes the connection after a streamed
+    reply; ``--fresh-connections`` gives every request its own, so none fails on that."""
+    from aiohttp import web
+
+    from load_tests.clients import open_client
+
+    peers: list[int] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername")[1])
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        chunk = {"choices": [{"delta": {"content": "hi"}, "finish_reason": "length"}]}
+        await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        request.transport.close()  # after the reply, as llama-server does
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        async with open_client("openai", url, model="m", fresh_connections=True) as client:
+            results = [await client.request("Hi", 1, f"r{i}") for i in range(6)]
+        assert [r.error for r in results] == [None] * 6
+        assert len(set(peers)) == 6  # one connection a request
+    finally:
+        await runner.cleanup()

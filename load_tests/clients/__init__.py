@@ -17,12 +17,22 @@ MODES = ("ws", "query", "openai")
 
 @asynccontextmanager
 async def open_client(
-    mode: str, base_url: str, *, request_timeout: float = 300.0, model: str | None = None
+    mode: str,
+    base_url: str,
+    *,
+    request_timeout: float = 300.0,
+    model: str | None = None,
+    fresh_connections: bool = False,
 ) -> AsyncIterator[Client]:
-    """A client for ``mode`` with a connection pool that never limits concurrency."""
+    """A client for ``mode`` with a connection pool that never limits concurrency.
+
+    ``fresh_connections``: a new TCP connection a request, for servers that close a
+    kept-alive connection after a streamed reply while advertising keep-alive
+    (llama.cpp's llama-server does): reused, the next request on it fails.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    connector = aiohttp.TCPConnector(limit=0, force_close=fresh_connections)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout()) as s:
         if mode == "ws":
             yield WebSocketClient(s, base_url, request_timeout)
