@@ -238,14 +238,15 @@ def _bench(
     say(f"server {url}: {json.dumps(info)}")
     try:  # first-use costs (model warm-up, thread pools) are not what we measure
         if args.warmup:
-            warm = warm_server(
-                url,
-                args.mode,
-                args.warmup,
-                request_timeout=args.timeout,
-                fresh_connections=args.fresh_connections,
+            run_async(
+                warm_server(
+                    url,
+                    args.mode,
+                    args.warmup,
+                    request_timeout=args.timeout,
+                    fresh_connections=args.fresh_connections,
+                )
             )
-            run_async(warm)
     except WarmupFailed as e:
         say(f"bench_batching: {url}: {e}")
         return None

@@ -14,14 +14,22 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from load_tests import bench_batching, overload
 from load_tests.__main__ import main as load_main
+from load_tests.clients import open_client
 from load_tests.guard import RemoteURLRefused, check_url, is_loopback_host
 from load_tests.machine import describe_precision
 from load_tests.prompts import BUILTIN_PROMPTS, load_prompts, prompt_for
 from load_tests.runner import LoadSpec, arrival_schedule
-from load_tests.server import CLOCK_TICKS, measure_idle_cpu, parse_stat, tree_cpu_seconds
+from load_tests.server import (
+    CLOCK_TICKS,
+    free_port,
+    measure_idle_cpu,
+    parse_stat,
+    tree_cpu_seconds,
+)
 from load_tests.stats import (
     RequestResult,
     distribution,
@@ -461,10 +469,6 @@ def test_gemm_ceiling_times_every_kernel_path(tmp_path: Path) -> None:
 async def test_fresh_connections_survive_a_server_that_closes_kept_alive_streams() -> None:
     """llama-server advertises keep-alive, then closes the connection after a streamed
     reply; ``--fresh-connections`` gives every request its own, so none fails on that."""
-    from aiohttp import web
-
-    from load_tests.clients import open_client
-
     peers: list[int] = []
 
     async def chat(request: web.Request) -> web.StreamResponse:
@@ -482,9 +486,8 @@ async def test_fresh_connections_survive_a_server_that_closes_kept_alive_streams
     app.router.add_post("/v1/chat/completions", chat)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
         url = f"http://127.0.0.1:{port}"
         async with open_client("openai", url, model="m", fresh_connections=True) as client:
