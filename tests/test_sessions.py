@@ -353,19 +353,21 @@ async def test_redis_turn_lock_holds_across_servers_and_outlives_its_ttl(
     redis_url: str, redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
     """Two stores on one Redis (two servers): one turn at a time, however long it runs."""
-    a = RedisSessionStore(redis_url, ttl=60, prefix=redis_prefix, lock_ttl=0.3)
-    b = RedisSessionStore(redis_url, ttl=60, prefix=redis_prefix, lock_ttl=0.3)
+    # A TTL of 1.5 s, renewed every 0.5 s: the lock only lapses if this test's loop
+    # stalls for a second, which a 0.3 s TTL once did on a busy CI machine.
+    a = RedisSessionStore(redis_url, ttl=60, prefix=redis_prefix, lock_ttl=1.5)
+    b = RedisSessionStore(redis_url, ttl=60, prefix=redis_prefix, lock_ttl=1.5)
     try:
         sid = await a.create(owner=OWNER)
         lock_key = f"{redis_prefix}session:{sid}:lock"
         events: list[str] = []
-        async with a.turn_lock(sid, wait=5):
-            assert 0 < await redis_client.pttl(lock_key) <= 300
+        async with a.turn_lock(sid, wait=10):
+            assert 0 < await redis_client.pttl(lock_key) <= 1500
             waiter = asyncio.create_task(held(b, sid, events))
-            await asyncio.sleep(1.0)  # three times the lock's TTL: renewed meanwhile
-            assert events == [] and 0 < await redis_client.pttl(lock_key) <= 300
+            await asyncio.sleep(3.5)  # more than twice the lock's TTL: renewed meanwhile
+            assert events == [] and 0 < await redis_client.pttl(lock_key) <= 1500
             events.append("a out")
-        await asyncio.wait_for(waiter, 2)
+        await asyncio.wait_for(waiter, 5)
         assert events == ["a out", "b in"]
         assert not await redis_client.exists(lock_key)
     finally:
@@ -374,7 +376,7 @@ async def test_redis_turn_lock_holds_across_servers_and_outlives_its_ttl(
 
 
 async def held(store: SessionStore, sid: str, events: list[str]) -> None:
-    async with store.turn_lock(sid, wait=5):
+    async with store.turn_lock(sid, wait=10):
         events.append("b in")
 
 
