@@ -105,10 +105,15 @@ def test_greedy_output_is_batch_invariant_fp32(tokenizer, model_dir):
         assert alone == batched[i], f"prompt {i} differs in a batch"
 
 
-def test_float32_rows_keep_their_results_within_each_step_size_class(hf_model):
+def test_float32_rows_are_bit_identical_in_steps_of_one_to_three_rows(hf_model):
     """A row's float32 projection is bit-identical in any step of 1 to 3 rows (the
-    weight-first GEMM) and in any step of 4 or more (F.linear), for every weight shape
-    the default model has; and both forms agree with F.linear to rounding."""
+    weight-first GEMM), for every weight shape the default model has, and agrees with
+    F.linear to rounding in steps of every size.
+
+    Steps of 4 or more are F.linear's, bit-identical as far as MKL keeps one kernel:
+    on the AMD EPYCs (torch CPU capability AVX2 and AVX512) for every size tried, on
+    the Intel Xeon (AVX512, VNNI avx512_vnni, AMX) 4-15 rows and 16 or more are two
+    kernels (README, Batch invariance), so that is not asserted here."""
     torch.manual_seed(0)
     weights = LlamaRunner(hf_model, 64, slots=1)
     _, qkv, _, o, _, gu, down = weights.layers[0]
@@ -119,9 +124,9 @@ def test_float32_rows_keep_their_results_within_each_step_size_class(hf_model):
         many = [r for r in first if r > WEIGHT_FIRST_MAX_ROWS]
         assert few == [1, 2, 3], "the classes this test describes"
         assert all(torch.equal(first[r], first[1]) for r in few), tuple(weight.shape)
-        assert all(torch.equal(first[r], first[4]) for r in many), tuple(weight.shape)
         exact = torch.nn.functional.linear(x[:1], weight)[0]
-        torch.testing.assert_close(first[1], exact, rtol=1e-4, atol=1e-4)
+        for rows in few + many:
+            torch.testing.assert_close(first[rows], exact, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
