@@ -22,9 +22,10 @@ from chatserver.workers.core import build_core
 from chatserver.workers.kernels import DownProjLinear, Int8Linear
 from chatserver.workers.precision import int8_kernels
 from chatserver.workers.runner import (
-    WEIGHT_FIRST_MAX_ROWS,
+    FEW_ROWS,
     LlamaRunner,
     StepItem,
+    few_rows_weight_first,
     linear,
     zeroed_cache,
 )
@@ -105,10 +106,11 @@ def test_greedy_output_is_batch_invariant_fp32(tokenizer, model_dir):
         assert alone == batched[i], f"prompt {i} differs in a batch"
 
 
-def test_float32_rows_are_bit_identical_in_steps_of_one_to_three_rows(hf_model):
-    """A row's float32 projection is bit-identical in any step of 1 to 3 rows (the
-    weight-first GEMM), for every weight shape the default model has, and agrees with
-    F.linear to rounding in steps of every size.
+@pytest.mark.parametrize("weight_first", [True, False], ids=["weight-first", "F.linear"])
+def test_float32_rows_are_bit_identical_in_steps_of_one_to_three_rows(hf_model, weight_first):
+    """In either few-row form a row's float32 projection is bit-identical in any step of
+    1 to 3 rows, for every weight shape the default model has, and agrees with F.linear
+    to rounding in steps of every size.
 
     Steps of 4 or more are F.linear's, bit-identical as far as MKL keeps one kernel:
     on the AMD EPYCs (torch CPU capability AVX2 and AVX512) for every size tried, on
@@ -119,14 +121,30 @@ def test_float32_rows_are_bit_identical_in_steps_of_one_to_three_rows(hf_model):
     _, qkv, _, o, _, gu, down = weights.layers[0]
     for weight in (qkv, o, gu, down, weights.lm_head):
         x = torch.randn(40, weight.shape[1])
-        first = {rows: linear(x[:rows], weight)[0] for rows in (1, 2, 3, 4, 5, 9, 16, 17, 40)}
-        few = [r for r in first if r <= WEIGHT_FIRST_MAX_ROWS]
-        many = [r for r in first if r > WEIGHT_FIRST_MAX_ROWS]
+        first = {
+            rows: linear(x[:rows], weight, weight_first=weight_first)[0]
+            for rows in (1, 2, 3, 4, 5, 9, 16, 17, 40)
+        }
+        few = [r for r in first if r <= FEW_ROWS]
         assert few == [1, 2, 3], "the classes this test describes"
         assert all(torch.equal(first[r], first[1]) for r in few), tuple(weight.shape)
         exact = torch.nn.functional.linear(x[:1], weight)[0]
-        for rows in few + many:
+        for rows in first:
             torch.testing.assert_close(first[rows], exact, rtol=1e-4, atol=1e-4)
+
+
+def test_the_runner_keeps_the_few_row_form_this_cpu_computes_faster(hf_model):
+    """The choice is a timing made at load; repeated, it comes out the same (the forms
+    differ 3x or more on the CPUs measured), and int8 runners, whose LM head is int8,
+    skip it."""
+    runner = LlamaRunner(hf_model, 64, slots=1)
+    assert runner.weight_first == few_rows_weight_first(runner.lm_head, repeats=5)
+    x = torch.randn(2, runner.lm_head.shape[1])
+    assert torch.equal(
+        runner.project(x, runner.lm_head), linear(x, runner.lm_head, None, runner.weight_first)
+    )
+    int8 = LlamaRunner(hf_model, 64, slots=1, int8=int8_kernels(CPU, "vnni"))
+    assert int8.weight_first is False
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,10 @@ our worker loop, and it offers no int8 path (our CPU default).
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import mmap
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +54,8 @@ from chatserver.models.llama_weights import LlamaWeights
 from chatserver.workers.calibration import DownCalibration
 from chatserver.workers.kernels import DownProjLinear, Int8Kernels, Int8Linear
 from chatserver.workers.kv_cache import SlotClear, SlotCopy, SlotOp, SlotSwap
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -69,57 +73,96 @@ def linear(
     x: torch.Tensor,
     weight: torch.Tensor | Int8Linear | DownProjLinear,
     bias: torch.Tensor | None = None,
+    weight_first: bool = True,
 ) -> torch.Tensor:
+    """x W^T (+ bias); float32 steps of a few rows on the CPU in the form `weight_first`
+    says this machine's BLAS computes faster (see few_rows_weight_first)."""
     if not isinstance(weight, torch.Tensor):
         out = weight(x)
         return out if bias is None else out + bias
     if (
         x.dim() == 2
-        and x.shape[0] <= WEIGHT_FIRST_MAX_ROWS
+        and x.shape[0] <= FEW_ROWS
         and weight.dtype == torch.float32
         and weight.device.type == "cpu"
     ):
-        return _weight_first_linear(x, weight, bias)
+        return _few_rows_linear(x, weight, bias, weight_first)
     return F.linear(x, weight, bias)
 
 
-# float32 steps of up to this many rows compute x W^T as (W x^T)^T: see below.
-WEIGHT_FIRST_MAX_ROWS = 3
+# float32 steps of up to this many rows get their own GEMM form: see below.
+FEW_ROWS = 3
 
 
-def _weight_first_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+def _few_rows_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_first: bool
 ) -> torch.Tensor:
-    """x W^T for a few float32 rows on the CPU, as (W x^T)^T: the weight the GEMM's first operand.
+    """x W^T for a few float32 rows on the CPU: as (W x^T)^T where MKL is slow at it,
+    one row as two equal rows in both forms.
 
-    F.linear hands MKL a GEMM of a few rows against the whole transposed
-    weight, and with 2 or 3 rows that took several times as long as W x^T,
-    which streams the weight once (the LM head, 49152 x 576, at 2 rows: 25.8
-    ms against 3.9 ms). One row goes to a GEMV that read the weight at half
-    the memory's speed, so it is computed as two equal rows.
+    On the AMD EPYCs F.linear handed MKL a GEMM of a few rows against the
+    whole transposed weight, and with 2 or 3 rows that took several times as
+    long as W x^T, which streams the weight once (the LM head, 49152 x 576, at
+    2 rows: 25.8 ms against 3.9 ms); one row went to a GEMV that read the
+    weight at half the memory's speed. On the Intel Xeon (torch CPU capability
+    AVX512, VNNI avx512_vnni, AMX, 480 MiB L3; /tmp timing loop over 30
+    distinct layers of each shape, 2 threads, 2026-12-04) it is the other way
+    round: a whole float32 step's projections took 12.4 ms through F.linear
+    at 1 or 2 rows and 29.5 ms as W x^T (the LM head 4.2-4.5 against 12.5
+    ms). So each runner times both on its LM head at load
+    (few_rows_weight_first) and keeps the faster.
 
-    Rows keep their results whatever the step's size within each of two
-    classes, 1-3 rows (this path) and 4 or more (F.linear's): the same row
-    gives bit-identical outputs in a step of 1, 2 or 3 rows, and in any
-    step of 4 or more (tests/test_runner.py). F.linear had three classes,
-    1, 2-3 and 4+, so a sequence decoding alone now gets the logits it gets
-    beside one or two others. W x^T for every row count was faster still at
-    4 rows (100.5 -> 47.9 ms a step) but split the 4+ class in two (4-9 and
-    16+), so that a prompt's last chunk of 4-15 tokens, computed after a
-    cached prefix, no longer gave the logits a whole prefill gives
-    (test_api_responses' seeded logprobs differed in the 6th digit).
+    One row as two keeps a sequence decoding alone in the class of one decoding
+    beside one or two others: the same row gives bit-identical outputs in a
+    step of 1, 2 or 3 rows, in either form (tests/test_runner.py); steps of 4
+    or more are F.linear's, bit-identical as far as MKL keeps one kernel (one
+    class from 4 rows up on the AMD EPYCs; 4-15 and 16+ on the Intel Xeon,
+    README, Batch invariance). W x^T for every row count was faster still at
+    4 rows on the AVX-512 EPYC (100.5 -> 47.9 ms a step) but split the 4+
+    class in two (4-9 and 16+), so that a prompt's last chunk of 4-15 tokens,
+    computed after a cached prefix, no longer gave the logits a whole prefill
+    gives (test_api_responses' seeded logprobs differed in the 6th digit).
 
     The default model's float32 decode step at 150 cached positions (/tmp
     timing loop, min of 3 medians of 15 steps; 2-core AMD EPYC, torch
     capability AVX512, VNNI avx512_vnni, 2026-12-03): 1 row 54.2 -> 32.2 ms,
-    2 rows 106.3 -> 28.7; held to AVX2 (MKL's AVX2 kernels), 59.0 -> 32.1
-    and 90.8 -> 35.5. bf16 goes through oneDNN, where this form was slower
+    2 rows 106.3 -> 28.7 as W x^T; held to AVX2 (MKL's AVX2 kernels), 59.0 ->
+    32.1 and 90.8 -> 35.5. bf16 goes through oneDNN, where W x^T was slower
     (31.2 -> 43.5 ms at one row), so it keeps F.linear.
     """
     rows = x.shape[0]
     columns = x if rows > 1 else torch.cat([x, x])
-    out = (weight @ columns.T).T[:rows].contiguous()
+    out = (weight @ columns.T).T if weight_first else F.linear(columns, weight)
+    out = out[:rows].contiguous()
     return out if bias is None else out + bias
+
+
+def few_rows_weight_first(weight: torch.Tensor, repeats: int = 3) -> bool:
+    """Whether (W x^T)^T beats F.linear on 2 float32 rows of `weight`, timed here, now.
+
+    The two differ by 3x or more in either direction on the CPUs measured
+    (_few_rows_linear), far beyond timing noise; on the default model's LM head
+    this costs about 0.1 s of a worker's start.
+    """
+    x = torch.randn(2, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    best = {True: math.inf, False: math.inf}
+    with torch.inference_mode():
+        for form in (True, False):
+            _few_rows_linear(x, weight, None, form)  # warm-up: first-call costs
+        for _ in range(repeats):
+            for form in (True, False):
+                started = time.perf_counter()
+                _few_rows_linear(x, weight, None, form)
+                best[form] = min(best[form], time.perf_counter() - started)
+    log.info(
+        "float32 steps of up to %d rows as %s: (W x^T)^T %.2f ms, F.linear %.2f ms on %s",
+        FEW_ROWS,
+        "(W x^T)^T" if best[True] < best[False] else "F.linear",
+        best[True] * 1e3,
+        best[False] * 1e3,
+        tuple(weight.shape),
+    )
+    return best[True] < best[False]
 
 
 def supports_fast_runner(model: Any) -> bool:
@@ -229,10 +272,18 @@ class LlamaRunner:
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.int8 = int8
+        self.weight_first = False  # decided below, once the LM head's kind is known
         if int8 is not None:
             if int8.smooths_down and calibration is None:
                 raise ValueError(f"{int8.name} needs a calibration (workers/calibration.py)")
             self._quantize(int8, calibration)
+        # float32 steps of a few rows: the GEMM form this machine computes faster.
+        self.weight_first = (
+            isinstance(self.lm_head, torch.Tensor)
+            and self.lm_head.dtype == torch.float32
+            and self.device.type == "cpu"
+            and few_rows_weight_first(self.lm_head)
+        )
         if compile:
             # Attention and the cache writes stay eager (shapes change every step);
             # the norm / projection / rotary / MLP pieces around them are fused.
@@ -383,6 +434,12 @@ class LlamaRunner:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
+    def project(
+        self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x W^T (+ bias) in this runner's few-row form (see linear)."""
+        return linear(x, weight, bias, self.weight_first)
+
     @torch.inference_mode()
     def forward(self, items: list[StepItem], active_slots: int) -> torch.Tensor:
         """Run one step; return float32 logits for the items with wants_logits, in order."""
@@ -391,7 +448,7 @@ class LlamaRunner:
         if not rows:
             return torch.empty(0, self.embed.shape[0])
         last = self._rms(x[torch.tensor(rows, device=self.device)], self.final_norm)
-        return linear(last, self.lm_head).float()
+        return self.project(last, self.lm_head).float()
 
     @torch.inference_mode()
     def sequence_logits(self, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
@@ -405,7 +462,7 @@ class LlamaRunner:
         for start in range(0, len(token_ids), chunk):
             piece = token_ids[start : start + chunk]
             x, _ = self._hidden([StepItem(-1, 0, piece, start, False)], 1)
-            logits.append(linear(self._rms(x, self.final_norm), self.lm_head).float())
+            logits.append(self.project(self._rms(x, self.final_norm), self.lm_head).float())
         return torch.cat(logits)
 
     def score(self, token_ids: list[int], chunk: int | None = None) -> float:
@@ -530,7 +587,7 @@ class LlamaRunner:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Norm, fused q/k/v projection and rotary: q `[T, H, D]`, k and v `[T * KV, D]`."""
         T, H, KV, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = linear(self._rms(x, ln1), w_qkv, b_qkv)
+        qkv = self.project(self._rms(x, ln1), w_qkv, b_qkv)
         # q and k sit side by side in qkv: one rotary call for both.
         qk = self._rope(qkv[:, : (H + KV) * D].view(T, H + KV, D), cos, sin)
         k = qk[:, H:].reshape(T * KV, D)
@@ -546,9 +603,10 @@ class LlamaRunner:
         w_down: Any,
     ) -> torch.Tensor:
         """Attention output projection and the MLP, each with its residual."""
-        x = x + linear(attn, w_o)
-        gu = linear(self._rms(x, ln2), w_gu)
-        return x + linear(F.silu(gu[:, : self.intermediate]) * gu[:, self.intermediate :], w_down)
+        x = x + self.project(attn, w_o)
+        gu = self.project(self._rms(x, ln2), w_gu)
+        act = F.silu(gu[:, : self.intermediate]) * gu[:, self.intermediate :]
+        return x + self.project(act, w_down)
 
 
 class _InputMaxRecorder:
