@@ -31,7 +31,7 @@ test: install
 	@eval "$$(bash .ci/ensure-redis.sh $(REDIS_PORT))"; \
 	  echo "tests use Redis at $$CHATSERVER_TEST_REDIS_URL"; \
 	  CHATSERVER_TEST_REDIS_URL=$$CHATSERVER_TEST_REDIS_URL CHATSERVER_TEST_CPU_ISA=$(CPU_ISA) \
-	  $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	  $(PY) -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_ARGS)
 
 lint:
 	$(VENV)/bin/ruff check chatserver tests load_tests
