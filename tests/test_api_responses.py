@@ -520,8 +520,8 @@ def assert_same_to_rounding(a: list[dict[str, Any]], b: list[dict[str, Any]]) ->
     """The same tokens, top tokens and order; logprobs equal to 1e-4.
 
     The second of two identical float32 requests prefills only what the prefix
-    cache lacks, a step of another size, and on the Intel Xeon (torch CPU
-    capability AVX512, VNNI avx512_vnni, AMX) MKL computes 2-15 rows with
+    cache lacks, a step of another size, and on the Intel(R) Xeon(R) Processor
+    (torch CPU capability AVX512, VNNI avx_vnni) MKL computes 2-15 rows with
     another kernel than 16 or more: logprobs then differ in the sixth digit
     (README, Batch invariance).
     """

@@ -25,7 +25,7 @@ from chatserver.workers.runner import (
     FEW_ROWS,
     LlamaRunner,
     StepItem,
-    few_rows_weight_first,
+    few_rows_timings,
     linear,
     zeroed_cache,
 )
@@ -114,7 +114,7 @@ def test_float32_rows_are_bit_identical_in_steps_of_one_to_three_rows(hf_model, 
 
     Steps of 4 or more are F.linear's, bit-identical as far as MKL keeps one kernel:
     on the AMD EPYCs (torch CPU capability AVX2 and AVX512) for every size tried, on
-    the Intel Xeon (AVX512, VNNI avx512_vnni, AMX) 4-15 rows and 16 or more are two
+    the Intel(R) Xeon(R) Processor (AVX512, VNNI avx_vnni) 4-15 rows and 16 or more are two
     kernels (README, Batch invariance), so that is not asserted here."""
     torch.manual_seed(0)
     weights = LlamaRunner(hf_model, 64, slots=1)
@@ -134,11 +134,14 @@ def test_float32_rows_are_bit_identical_in_steps_of_one_to_three_rows(hf_model, 
 
 
 def test_the_runner_keeps_the_few_row_form_this_cpu_computes_faster(hf_model):
-    """The choice is a timing made at load; repeated, it comes out the same (the forms
-    differ 3x or more on the CPUs measured), and int8 runners, whose LM head is int8,
-    skip it."""
+    """The choice is a timing made at load: where the two forms differ clearly (2.4x
+    or more on the CPUs measured), timed again they agree with it; int8 runners, whose
+    LM head is int8, skip it."""
     runner = LlamaRunner(hf_model, 64, slots=1)
-    assert runner.weight_first == few_rows_weight_first(runner.lm_head, repeats=5)
+    timings = few_rows_timings(runner.lm_head, repeats=5)
+    if max(timings.values()) < 1.5 * min(timings.values()):
+        pytest.skip(f"the two forms are within 1.5x of each other on this CPU: {timings}")
+    assert runner.weight_first == (timings[True] < timings[False])
     x = torch.randn(2, runner.lm_head.shape[1])
     assert torch.equal(
         runner.project(x, runner.lm_head), linear(x, runner.lm_head, None, runner.weight_first)

@@ -104,8 +104,8 @@ def _few_rows_linear(
     whole transposed weight, and with 2 or 3 rows that took several times as
     long as W x^T, which streams the weight once (the LM head, 49152 x 576, at
     2 rows: 25.8 ms against 3.9 ms); one row went to a GEMV that read the
-    weight at half the memory's speed. On the Intel Xeon (torch CPU capability
-    AVX512, VNNI avx512_vnni, AMX, 480 MiB L3; /tmp timing loop over 30
+    weight at half the memory's speed. On the Intel(R) Xeon(R) Processor (torch
+    CPU capability AVX512, VNNI avx_vnni, 480 MiB L3; /tmp timing loop over 30
     distinct layers of each shape, 2 threads, 2026-12-04) it is the other way
     round: a whole float32 step's projections took 12.4 ms through F.linear
     at 1 or 2 rows and 29.5 ms as W x^T (the LM head 4.2-4.5 against 12.5
@@ -116,7 +116,7 @@ def _few_rows_linear(
     beside one or two others: the same row gives bit-identical outputs in a
     step of 1, 2 or 3 rows, in either form (tests/test_runner.py); steps of 4
     or more are F.linear's, bit-identical as far as MKL keeps one kernel (one
-    class from 4 rows up on the AMD EPYCs; 4-15 and 16+ on the Intel Xeon,
+    class from 4 rows up on the AMD EPYCs; 4-15 and 16+ on the Intel(R) Xeon(R),
     README, Batch invariance). W x^T for every row count was faster still at
     4 rows on the AVX-512 EPYC (100.5 -> 47.9 ms a step) but split the 4+
     class in two (4-9 and 16+), so that a prompt's last chunk of 4-15 tokens,
@@ -137,32 +137,39 @@ def _few_rows_linear(
     return out if bias is None else out + bias
 
 
-def few_rows_weight_first(weight: torch.Tensor, repeats: int = 3) -> bool:
-    """Whether (W x^T)^T beats F.linear on 2 float32 rows of `weight`, timed here, now.
-
-    The two differ by 3x or more in either direction on the CPUs measured
-    (_few_rows_linear), far beyond timing noise; on the default model's LM head
-    this costs about 0.1 s of a worker's start.
-    """
+def few_rows_timings(weight: torch.Tensor, repeats: int = 3) -> dict[bool, float]:
+    """Seconds, best of `repeats`, for 2 float32 rows of `weight` in each form:
+    True (W x^T)^T, False F.linear; each form's first call is left out."""
     x = torch.randn(2, weight.shape[1], dtype=weight.dtype, device=weight.device)
     best = {True: math.inf, False: math.inf}
     with torch.inference_mode():
-        for form in (True, False):
-            _few_rows_linear(x, weight, None, form)  # warm-up: first-call costs
+        for form in best:
+            _few_rows_linear(x, weight, None, form)
         for _ in range(repeats):
-            for form in (True, False):
+            for form in best:
                 started = time.perf_counter()
                 _few_rows_linear(x, weight, None, form)
                 best[form] = min(best[form], time.perf_counter() - started)
+    return best
+
+
+def few_rows_weight_first(weight: torch.Tensor) -> bool:
+    """Whether (W x^T)^T beats F.linear on a few float32 rows of `weight`, timed here, now.
+
+    The two differed by 2.4x or more in either direction on the CPUs measured
+    (_few_rows_linear), beyond timing noise.
+    """
+    timings = few_rows_timings(weight)
+    weight_first = timings[True] < timings[False]
     log.info(
         "float32 steps of up to %d rows as %s: (W x^T)^T %.2f ms, F.linear %.2f ms on %s",
         FEW_ROWS,
-        "(W x^T)^T" if best[True] < best[False] else "F.linear",
-        best[True] * 1e3,
-        best[False] * 1e3,
+        "(W x^T)^T" if weight_first else "F.linear",
+        timings[True] * 1e3,
+        timings[False] * 1e3,
         tuple(weight.shape),
     )
-    return best[True] < best[False]
+    return weight_first
 
 
 def supports_fast_runner(model: Any) -> bool:
@@ -272,7 +279,9 @@ class LlamaRunner:
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.int8 = int8
-        self.weight_first = False  # decided below, once the LM head's kind is known
+        # F.linear until decided below: _quantize's calibration prefill runs first, and
+        # the choice needs to know whether the LM head stayed float32.
+        self.weight_first = False
         if int8 is not None:
             if int8.smooths_down and calibration is None:
                 raise ValueError(f"{int8.name} needs a calibration (workers/calibration.py)")
