@@ -25,6 +25,7 @@ from chatserver.workers.runner import (
     FEW_ROWS,
     LlamaRunner,
     StepItem,
+    few_rows_padding,
     few_rows_timings,
     linear,
     zeroed_cache,
@@ -108,9 +109,10 @@ def test_greedy_output_is_batch_invariant_fp32(tokenizer, model_dir):
 
 @pytest.mark.parametrize("weight_first", [True, False], ids=["weight-first", "F.linear"])
 def test_float32_rows_are_bit_identical_in_steps_of_one_to_three_rows(hf_model, weight_first):
-    """In either few-row form a row's float32 projection is bit-identical in any step of
-    1 to 3 rows, for every weight shape the default model has, and agrees with F.linear
-    to rounding in steps of every size.
+    """In either few-row form, padded as few_rows_padding chooses on this CPU, a row's
+    float32 projection is bit-identical in any step of 1 to 3 rows and at any place
+    in it, for every weight shape the default model has; padded to 3 it is on any
+    CPU. And it agrees with F.linear to rounding in steps of every size.
 
     Steps of 4 or more are F.linear's, bit-identical as far as MKL keeps one kernel:
     on the AMD EPYCs (torch CPU capability AVX2 and AVX512) for every size tried, on
@@ -119,18 +121,26 @@ def test_float32_rows_are_bit_identical_in_steps_of_one_to_three_rows(hf_model, 
     torch.manual_seed(0)
     weights = LlamaRunner(hf_model, 64, slots=1)
     _, qkv, _, o, _, gu, down = weights.layers[0]
-    for weight in (qkv, o, gu, down, weights.lm_head):
+    shapes = [qkv, o, gu, down, weights.lm_head]
+    chosen = few_rows_padding(shapes, weight_first)
+    assert FEW_ROWS == 3, "the classes this test describes"
+    for padded_rows in sorted({chosen, 3}):
+        for weight in shapes:
+            x = torch.randn(3, weight.shape[1])
+            alone = [
+                linear(x[r : r + 1], weight, None, weight_first, padded_rows)[0] for r in range(3)
+            ]
+            for rows in (2, 3):
+                step = linear(x[:rows], weight, None, weight_first, padded_rows)
+                same = [torch.equal(step[r], alone[r]) for r in range(rows)]
+                assert all(same), (tuple(weight.shape), padded_rows, rows, same)
+    for weight in shapes:
         x = torch.randn(40, weight.shape[1])
-        first = {
-            rows: linear(x[:rows], weight, weight_first=weight_first)[0]
-            for rows in (1, 2, 3, 4, 5, 9, 16, 17, 40)
-        }
-        few = [r for r in first if r <= FEW_ROWS]
-        assert few == [1, 2, 3], "the classes this test describes"
-        assert all(torch.equal(first[r], first[1]) for r in few), tuple(weight.shape)
         exact = torch.nn.functional.linear(x[:1], weight)[0]
-        for rows in first:
-            torch.testing.assert_close(first[rows], exact, rtol=1e-4, atol=1e-4)
+        for rows in (1, 2, 3, 4, 5, 9, 16, 17, 40):
+            got = linear(x[:rows], weight, None, weight_first, chosen)[0]
+            torch.testing.assert_close(got, exact, rtol=1e-4, atol=1e-4)
+    assert weights.padded_rows == few_rows_padding(shapes, weights.weight_first)
 
 
 def test_the_runner_keeps_the_few_row_form_this_cpu_computes_faster(hf_model):
@@ -144,7 +154,8 @@ def test_the_runner_keeps_the_few_row_form_this_cpu_computes_faster(hf_model):
     assert runner.weight_first == (timings[True] < timings[False])
     x = torch.randn(2, runner.lm_head.shape[1])
     assert torch.equal(
-        runner.project(x, runner.lm_head), linear(x, runner.lm_head, None, runner.weight_first)
+        runner.project(x, runner.lm_head),
+        linear(x, runner.lm_head, None, runner.weight_first, runner.padded_rows),
     )
     int8 = LlamaRunner(hf_model, 64, slots=1, int8=int8_kernels(CPU, "vnni"))
     assert int8.weight_first is False

@@ -74,9 +74,11 @@ def linear(
     weight: torch.Tensor | Int8Linear | DownProjLinear,
     bias: torch.Tensor | None = None,
     weight_first: bool = True,
+    padded_rows: int = 2,
 ) -> torch.Tensor:
     """x W^T (+ bias); float32 steps of a few rows on the CPU in the form `weight_first`
-    says this machine's BLAS computes faster (see few_rows_weight_first)."""
+    says this machine's BLAS computes faster (see few_rows_weight_first), steps of
+    fewer than `padded_rows` rows padded to that many (see few_rows_padding)."""
     if not isinstance(weight, torch.Tensor):
         out = weight(x)
         return out if bias is None else out + bias
@@ -86,7 +88,7 @@ def linear(
         and weight.dtype == torch.float32
         and weight.device.type == "cpu"
     ):
-        return _few_rows_linear(x, weight, bias, weight_first)
+        return _few_rows_linear(x, weight, bias, weight_first, padded_rows)
     return F.linear(x, weight, bias)
 
 
@@ -95,10 +97,15 @@ FEW_ROWS = 3
 
 
 def _few_rows_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_first: bool
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_first: bool,
+    padded_rows: int = 2,
 ) -> torch.Tensor:
     """x W^T for a few float32 rows on the CPU: as (W x^T)^T where MKL is slow at it,
-    one row as two equal rows in both forms.
+    fewer rows than `padded_rows` padded to that many with copies of the first,
+    in both forms.
 
     On the AMD EPYCs F.linear handed MKL a GEMM of a few rows against the
     whole transposed weight, and with 2 or 3 rows that took several times as
@@ -112,9 +119,10 @@ def _few_rows_linear(
     ms). So each runner times both on its LM head at load
     (few_rows_weight_first) and keeps the faster.
 
-    One row as two keeps a sequence decoding alone in the class of one decoding
-    beside one or two others: the same row gives bit-identical outputs in a
-    step of 1, 2 or 3 rows, in either form (tests/test_runner.py); steps of 4
+    Padding (one row as two, or every step as three where this BLAS needs it:
+    few_rows_padding) keeps a sequence decoding alone in the class of one
+    decoding beside one or two others: the same row gives bit-identical outputs
+    in a step of 1, 2 or 3 rows, in either form (tests/test_runner.py); steps of 4
     or more are F.linear's, bit-identical as far as MKL keeps one kernel (one
     class from 4 rows up on the AMD EPYCs; 4-15 and 16+ on the Intel(R) Xeon(R),
     README, Batch invariance). W x^T for every row count was faster still at
@@ -131,7 +139,7 @@ def _few_rows_linear(
     (31.2 -> 43.5 ms at one row), so it keeps F.linear.
     """
     rows = x.shape[0]
-    columns = x if rows > 1 else torch.cat([x, x])
+    columns = x if rows >= padded_rows else torch.cat([x, x[:1].expand(padded_rows - rows, -1)])
     out = (weight @ columns.T).T if weight_first else F.linear(columns, weight)
     out = out[:rows].contiguous()
     return out if bias is None else out + bias
@@ -170,6 +178,37 @@ def few_rows_weight_first(weight: torch.Tensor) -> bool:
         tuple(weight.shape),
     )
     return weight_first
+
+
+def few_rows_padding(weights: list[torch.Tensor], weight_first: bool) -> int:
+    """Rows a float32 step of 1-3 rows is computed as, in the form `weight_first` names:
+    2 (one row doubled) where every row of `weights`' products comes out with the
+    same bits in steps of 2 and of 3 rows, else 3 (every such step padded to 3).
+
+    Padding keeps a sequence's logits the same alone or beside one or two others
+    (tests/test_runner.py). MKL picks its GEMM kernel by the number of rows: on
+    the Intel(R) Xeon(R) Processor (torch CPU capability AVX512, VNNI avx_vnni)
+    2 and 3 rows shared a kernel natively, but held to AVX2
+    (MKL_ENABLE_INSTRUCTIONS=AVX2) each had its own, for every shape of the
+    default model, in F.linear's form. Padding costs the third row's compute:
+    a one-row step's projections (30 layers and the LM head, /tmp timing loop,
+    2 threads, 2026-12-06) took 22.2 ms as 2 rows against 23.8 as 3 natively,
+    41.3-42.3 against 42.0-44.3 held to AVX2, so it is paid only where needed.
+    """
+    with torch.inference_mode():
+        for weight in weights:
+            x = torch.randn(3, weight.shape[1], dtype=weight.dtype, device=weight.device)
+            two = _few_rows_linear(x[:2], weight, None, weight_first, 2)
+            three = _few_rows_linear(x, weight, None, weight_first, 2)
+            if not torch.equal(two, three[:2]):
+                log.info(
+                    "float32 steps of 1-3 rows padded to 3: %s gives other bits in 2 rows than "
+                    "in 3 on %s",
+                    "(W x^T)^T" if weight_first else "F.linear",
+                    tuple(weight.shape),
+                )
+                return 3
+    return 2
 
 
 def supports_fast_runner(model: Any) -> bool:
@@ -279,20 +318,27 @@ class LlamaRunner:
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.int8 = int8
-        # F.linear until decided below: _quantize's calibration prefill runs first, and
-        # the choice needs to know whether the LM head stayed float32.
+        # F.linear, one row doubled, until decided below: _quantize's calibration
+        # prefill runs first, and the choice needs to know whether the LM head
+        # stayed float32.
         self.weight_first = False
+        self.padded_rows = 2
         if int8 is not None:
             if int8.smooths_down and calibration is None:
                 raise ValueError(f"{int8.name} needs a calibration (workers/calibration.py)")
             self._quantize(int8, calibration)
-        # float32 steps of a few rows: the GEMM form this machine computes faster.
-        self.weight_first = (
+        # float32 steps of a few rows: the GEMM form this machine computes faster,
+        # padded as far as its BLAS needs to give a row the same bits in 1-3 rows.
+        if (
             isinstance(self.lm_head, torch.Tensor)
             and self.lm_head.dtype == torch.float32
             and self.device.type == "cpu"
-            and few_rows_weight_first(self.lm_head)
-        )
+        ):
+            self.weight_first = few_rows_weight_first(self.lm_head)
+            _, qkv, _, o, _, gate_up, down = self.layers[0]
+            self.padded_rows = few_rows_padding(
+                [qkv, o, gate_up, down, self.lm_head], self.weight_first
+            )
         if compile:
             # Attention and the cache writes stay eager (shapes change every step);
             # the norm / projection / rotary / MLP pieces around them are fused.
@@ -447,7 +493,7 @@ class LlamaRunner:
         self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x W^T (+ bias) in this runner's few-row form (see linear)."""
-        return linear(x, weight, bias, self.weight_first)
+        return linear(x, weight, bias, self.weight_first, self.padded_rows)
 
     @torch.inference_mode()
     def forward(self, items: list[StepItem], active_slots: int) -> torch.Tensor:
