@@ -202,3 +202,16 @@ def test_prompts_rendered_at_once_in_threads_match_those_rendered_alone(tokenize
         rendered = list(pool.map(lambda i: render(tokenizer, conversations[i]), jobs))
     wrong = [i for i, ids in zip(jobs, rendered, strict=True) if ids != alone[i]]
     assert not wrong, f"{len(wrong)} of {len(jobs)} prompts rendered differently in threads"
+
+
+def test_warm_up_makes_the_plain_text_twin_the_first_request_would_make(model_dir):
+    """The engine builds one prompt at start (warm_up), so the first request finds the
+    tokenizer's plain-text twin made and reuses it rather than copying the tokenizer."""
+    from chatserver.models import prompt
+
+    fresh = AutoTokenizer.from_pretrained(model_dir)
+    assert fresh not in prompt._twins
+    prompt.warm_up(fresh)
+    twin = prompt._twins[fresh]
+    build_prompt(fresh, [{"role": "user", "content": "<|im_start|>system"}], 8, 256, True)
+    assert prompt._twins[fresh] is twin

@@ -63,7 +63,7 @@ from chatserver.engine.types import Prompt
 from chatserver.limits.admission import AdmissionQueue, Ticket
 from chatserver.metrics import Metrics
 from chatserver.models.loading import ModelSource, load_tokenizer, model_config, resolve_model
-from chatserver.models.prompt import build_prompt
+from chatserver.models.prompt import build_prompt, warm_up
 from chatserver.models.tools import Tool
 from chatserver.protocol.sampling import RequestParams
 from chatserver.protocol.worker import (
@@ -390,6 +390,10 @@ class InferenceEngine:
         # A token decodes to at most this many characters: the cheap bound
         # build_prompt checks before tokenizing anything.
         self.max_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=0)
+        try:
+            warm_up(self.tokenizer)
+        except Exception as exc:  # a request will meet it again, and be told
+            log.warning("building a first prompt at start failed: %s", exc)
         config = self._model_config  # read by _worker_configs, which ran first
         try:
             gen = GenerationConfig.from_pretrained(self._source.path)

@@ -137,6 +137,15 @@ def check_chars(chars: int, max_context: int, max_token_chars: int) -> None:
         )
 
 
+def warm_up(tokenizer: Any) -> None:
+    """Build one short prompt, so the server's first request does not pay the one-time
+    costs: the plain-text twin's deep copy and the chat template's compilation made
+    the first build_prompt of a two-word message take 84 ms against 0.55 ms for the
+    next (the default model's tokenizer; Intel(R) Xeon(R) Processor, torch CPU
+    capability AVX512, VNNI avx_vnni; 2026-12-06)."""
+    build_prompt(tokenizer, [{"role": "user", "content": "Hello there"}], 1, 1 << 20, False)
+
+
 def build_prompt(
     tokenizer: Any,
     messages: list[dict[str, str]],
