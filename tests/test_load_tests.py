@@ -431,6 +431,49 @@ def test_random_model_keeps_config_and_tokenizer(model_dir: Path, tmp_path: Path
     assert len(tokens) == 5
 
 
+def test_gpu_runner_check_runs_its_checks_on_the_cpu(model_dir: Path, tmp_path: Path) -> None:
+    """The GPU session's first check (load_tests/gpu_check.sh), on a one-layer random
+    model here: the runner agrees with transformers, and every batch size is timed."""
+    from load_tests import gpu_runner_check
+    from load_tests.random_model import write_random_model
+
+    model = write_random_model(model_dir, tmp_path / "random", overrides={"num_hidden_layers": 1})
+    out = tmp_path / "runner.json"
+    argv = ["--model", str(model), "--device", "cpu", "--batches", "1,3", "--steps", "2"]
+    assert gpu_runner_check.main([*argv, "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["agreement_passed"] and record["agreement"]["float32"] <= 1e-3
+    assert record["kernels"].startswith("bfloat16")
+    assert [row["batch"] for row in record["steps"]] == [1, 3]
+    assert all(row["runner_tok_s"] > 0 and row["core_tok_s"] > 0 for row in record["steps"])
+
+
+def test_the_gpu_scripts_name_what_exists() -> None:
+    """gpu_check.sh runs modules and flags that exist, on what gpu_bundle.sh writes."""
+    root = Path(__file__).resolve().parent.parent
+    check = (root / "load_tests" / "gpu_check.sh").read_text()
+    bundle = (root / "load_tests" / "gpu_bundle.sh").read_text()
+    for module in ("random_model", "gpu_runner_check", "bench_batching"):
+        assert f"python3 -m load_tests.{module}" in check
+        assert importlib.util.find_spec(f"load_tests.{module}") is not None
+    assert ".gpu/wheels" in check and ".gpu/wheels" in bundle
+    assert ".gpu/model" in check and ".gpu/model" in bundle
+    assert "/.gpu/" in (root / ".gitignore").read_text().splitlines()
+    for flag in ("--levels", "--rounds", "--min-requests", "--idle-seconds", "--level-duration"):
+        assert flag in check and flag in (root / "load_tests" / "bench_batching.py").read_text()
+    serve_help = subprocess.run(
+        [sys.executable, "-m", "chatserver", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for flag in ("--model", "--engine", "--max-batch", "--skip-quality-gate"):
+        assert flag in check and flag in serve_help
+    for script in ("gpu_check.sh", "gpu_bundle.sh"):
+        syntax = subprocess.run(["bash", "-n", str(root / "load_tests" / script)])
+        assert syntax.returncode == 0, script
+
+
 def test_startup_times_a_real_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from load_tests import startup
 
