@@ -182,8 +182,8 @@ def few_rows_weight_first(weight: torch.Tensor) -> bool:
 
 def few_rows_padding(weights: list[torch.Tensor], weight_first: bool) -> int:
     """Rows a float32 step of 1-3 rows is computed as, in the form `weight_first` names:
-    2 (one row doubled) where every row of `weights`' products comes out with the
-    same bits in steps of 2 and of 3 rows, else 3 (every such step padded to 3).
+    2 (one row doubled) where every row of `weights`' products in a step of 2 or 3
+    rows has the bits it has alone, else 3 (every such step padded to 3).
 
     Padding keeps a sequence's logits the same alone or beside one or two others
     (tests/test_runner.py). MKL picks its GEMM kernel by the number of rows: on
@@ -198,12 +198,15 @@ def few_rows_padding(weights: list[torch.Tensor], weight_first: bool) -> int:
     with torch.inference_mode():
         for weight in weights:
             x = torch.randn(3, weight.shape[1], dtype=weight.dtype, device=weight.device)
+            alone = torch.cat(
+                [_few_rows_linear(x[r : r + 1], weight, None, weight_first, 2) for r in range(3)]
+            )
             two = _few_rows_linear(x[:2], weight, None, weight_first, 2)
             three = _few_rows_linear(x, weight, None, weight_first, 2)
-            if not torch.equal(two, three[:2]):
+            if not (torch.equal(two, alone[:2]) and torch.equal(three, alone)):
                 log.info(
-                    "float32 steps of 1-3 rows padded to 3: %s gives other bits in 2 rows than "
-                    "in 3 on %s",
+                    "float32 steps of 1-3 rows padded to 3: %s gives a row other bits alone "
+                    "than in 2 or 3 rows on %s",
                     "(W x^T)^T" if weight_first else "F.linear",
                     tuple(weight.shape),
                 )
