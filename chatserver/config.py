@@ -20,7 +20,7 @@ DEFAULT_MODELS_DIR = Path(os.environ.get("CHATSERVER_MODELS_DIR", REPO_ROOT / "m
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 ENGINES = ("auto", "gpu", "pool", "ray", "thread", "inline")
-DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "int4")
 LOG_FORMATS = ("text", "json")
 
 
@@ -111,9 +111,11 @@ class Settings:
         default="auto",
         metadata={
             "help": "weights: auto (the fastest precision for this device and CPU that "
-            "passes the quality gate: int8, then bfloat16 where the CPU has native bf16, "
-            "then float32; bfloat16 on CUDA; see README Precision), float32, bfloat16, "
-            "float16, int8 (CPU only; bfloat16 on CUDA). An explicit dtype that fails "
+            "passes the quality gate: int4 where the CPU lacks VNNI, int8, then bfloat16 "
+            "where the CPU has native bf16, then float32; bfloat16 on CUDA; see README "
+            "Precision), float32, bfloat16, float16, int8, int4 (4-bit weights in C "
+            "kernels built here with gcc for steps of a few rows, int8 for wider ones; "
+            "int8 and int4 CPU only, bfloat16 on CUDA). An explicit dtype that fails "
             "the quality gate stops the server",
             "choices": DTYPES,
         },

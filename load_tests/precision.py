@@ -13,7 +13,7 @@ sequences of 64 greedy tokens, prefill included. `--dtype auto`'s chain
 (workers/precision.py) is ordered from this table on each kind of CPU.
 
 A dtype is `float32`, `bfloat16`, `float16`, `int8` (kernels chosen from this
-CPU's features) or `int8:vnni` / `int8:avx2` (forced kernel path). Candidates
+CPU's features), `int8:vnni` / `int8:avx2` (forced kernel path) or `int4`. Candidates
 are measured with the gate off, so a failing one still gets its row.
 """
 
@@ -48,7 +48,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model-dir", default=str(DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME))
-    parser.add_argument("--dtypes", default="float32,bfloat16,int8:avx2,int8:vnni")
+    parser.add_argument("--dtypes", default="float32,bfloat16,int8:avx2,int8:vnni,int4")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument(

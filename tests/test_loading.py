@@ -112,10 +112,10 @@ def test_generic_runner_matches_generate(model_dir: Path):
 def test_dtype_flag_accepts_every_documented_precision():
     from chatserver.config import DTYPES, Settings
 
-    assert set(DTYPES) == {"auto", "float32", "bfloat16", "float16", "int8"}
+    assert set(DTYPES) == {"auto", "float32", "bfloat16", "float16", "int8", "int4"}
     assert Settings.from_env(dtype="int8").dtype == "int8"
     result = subprocess.run(
-        [sys.executable, "-m", "chatserver", "serve", "--dtype", "int4"],
+        [sys.executable, "-m", "chatserver", "serve", "--dtype", "int2"],
         capture_output=True,
         text=True,
     )

@@ -7,6 +7,7 @@ test_quality_gate.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatserver.workers import cpu_features
+from chatserver.workers import cpu_features, native_kernels
 from chatserver.workers.cpu_features import CpuFeatures
 from chatserver.workers.precision import PrecisionUnavailable, candidates, int8_kernels
 
@@ -78,7 +79,7 @@ def test_cpu_isa_avx2_makes_any_cpu_an_avx2_one() -> None:
     assert capability == "AVX2" == described["cpu_capability"]
     assert described["isa_limit"] == "avx2" and described["cpu_kind"] == "AVX2"
     assert not described["vnni"] and not described["native_bf16"]
-    assert chain == ["int8-avx2", "int8-avx2-float-down", "float32"]
+    assert chain == ["int4-avx2", "int8-avx2", "int8-avx2-float-down", "float32"]
 
 
 @pytest.mark.parametrize(
@@ -119,10 +120,16 @@ def test_forcing_kernels() -> None:
 
 def test_auto_chains_fastest_first_and_end_at_float32() -> None:
     chain = [c.kernels for c in candidates("auto", "cpu", AVX2)]
-    # Emulated bf16 is slower than float32 batched; int8 with an unsmoothed down_proj
-    # is the fallback for a model whose smoothing fails the gate.
-    assert chain == ["int8-avx2", "int8-avx2-float-down", "float32"]
-    exact_down = candidates("auto", "cpu", AVX2)[1].int8
+    # int4's C kernels first where int8 lacks VNNI (README, Precision); emulated bf16
+    # is slower than float32 batched; int8 with an unsmoothed down_proj is the
+    # fallback for a model whose smoothing fails the gate.
+    assert chain == ["int4-avx2", "int8-avx2", "int8-avx2-float-down", "float32"]
+    int4 = candidates("auto", "cpu", AVX2)[0]
+    assert int4.dtype == "int4" and int4.int8 is not None
+    # Its wide steps (prefill, many streams) run int8-avx2's kernels.
+    assert dataclasses.replace(int4.int8, name="int8-avx2", native_max_rows=0) == int8_kernels(AVX2)
+    assert 1 <= int4.int8.native_max_rows <= native_kernels.MAX_ROWS
+    exact_down = candidates("auto", "cpu", AVX2)[2].int8
     assert exact_down is not None and exact_down.down_wide_dtype == torch.float32
     chain = [c.kernels for c in candidates("auto", "cpu", AVX512_VNNI_BF16)]
     assert chain == ["int8-vnni", "bfloat16-native", "float32"]
@@ -141,5 +148,10 @@ def test_explicit_dtype_chains_only_its_own_kernels() -> None:
     assert [c.kernels for c in candidates("float32", "cpu", AVX2)] == ["float32"]
     # int8 kernels are fbgemm's (CPU); on a GPU int8 means its fast path, bf16.
     assert [c.dtype for c in candidates("int8", "cuda", AVX2)] == ["bfloat16"]
+    assert [c.kernels for c in candidates("int4", "cpu", AVX2)] == ["int4-avx2"]
+    # Asked for, int4 runs where int8 has VNNI too (its wide steps then int8-vnni's).
+    vnni_int4 = candidates("int4", "cpu", AVX512_VNNI_BF16)[0].int8
+    assert vnni_int4 is not None and vnni_int4.weight_max == 127
+    assert [c.dtype for c in candidates("int4", "cuda", AVX2)] == ["bfloat16"]
     with pytest.raises(PrecisionUnavailable):
-        candidates("int4", "cpu", AVX2)
+        candidates("int2", "cpu", AVX2)

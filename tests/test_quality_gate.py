@@ -56,6 +56,11 @@ def fp32_perplexity(model_dir, text_ids) -> dict[int | None, float]:
     }
 
 
+# What --dtype auto serves here: int8 where the CPU has VNNI, else int4's C kernels
+# (every AVX2 CPU has the FMA and F16C they need too).
+AUTO_PICKS = ("int8", "int8-vnni") if CPU.vnni else ("int4", "int4-avx2")
+
+
 def config(model_dir, dtype: str, **kw) -> WorkerConfig:
     return WorkerConfig(str(model_dir), "m", "cpu", dtype, 1024, 4, 512, 2, **kw)
 
@@ -63,8 +68,7 @@ def config(model_dir, dtype: str, **kw) -> WorkerConfig:
 def test_auto_picks_a_passing_reduced_precision(model_dir, text_ids, fp32_perplexity) -> None:
     """What `--dtype auto` serves on this CPU passed the gate, and holds over a longer text."""
     core, ready = build_core(0, config(model_dir, "auto"))
-    assert ready.dtype == "int8"
-    assert ready.kernels == ("int8-vnni" if CPU.vnni else "int8-avx2")
+    assert (ready.dtype, ready.kernels) == AUTO_PICKS
     assert ready.cpu["cpu_capability"] == CPU.capability
     (gate,) = ready.quality_gate
     assert gate["passed"] and gate["kernels"] == ready.kernels
@@ -173,8 +177,7 @@ async def test_server_reports_its_precision(server) -> None:
             precision = (await r.json())["precision"]
         async with http.get(server.url + "/v1/models") as r:
             card = (await r.json())["data"][0]
-    assert precision["dtype"] == "int8"
-    assert precision["kernels"] == ("int8-vnni" if CPU.vnni else "int8-avx2")
+    assert (precision["dtype"], precision["kernels"]) == AUTO_PICKS
     assert precision["cpu_capability"] == CPU.capability
     assert precision["cpu_kind"] == CPU.kind
     assert precision["quality_gate"][0]["passed"]
@@ -214,12 +217,25 @@ async def precision_and_answer(proc: ServerProcess) -> tuple[dict, str]:
         proc.stop()
 
 
-async def test_server_on_avx2_kernels_serves_7_bit_int8_correctly() -> None:
-    """The AVX2 machine's default, run on this one: int8-avx2 passes and answers right."""
+async def test_server_on_avx2_kernels_serves_int4_correctly() -> None:
+    """The AVX2 machine's default, run on this one: int4-avx2 (the C kernels built
+    here) passes and answers right."""
     proc = ServerProcess("--cpu-isa", "avx2", "--log-level", "warning").wait_ready()
     precision, reply = await precision_and_answer(proc)
-    assert precision["kernels"] == "int8-avx2" and precision["cpu_capability"] == "AVX2"
+    assert precision["kernels"] == "int4-avx2" and precision["cpu_capability"] == "AVX2"
+    assert precision["dtype"] == "int4"
     assert precision["cpu_kind"] == "AVX2" and precision["isa_limit"] == "avx2"
+    assert [g["passed"] for g in precision["quality_gate"]] == [True]
+    assert "Paris" in reply
+
+
+async def test_without_a_compiler_avx2_serves_7_bit_int8_correctly() -> None:
+    """A machine that cannot build the C kernels (no gcc) skips int4 and serves
+    int8-avx2, gated, answering right."""
+    env = {"CC": "no-such-compiler"}
+    proc = ServerProcess("--cpu-isa", "avx2", "--log-level", "warning", env=env).wait_ready()
+    precision, reply = await precision_and_answer(proc)
+    assert precision["kernels"] == "int8-avx2" and precision["dtype"] == "int8"
     assert [g["passed"] for g in precision["quality_gate"]] == [True]
     assert "Paris" in reply
 

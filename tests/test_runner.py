@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chatserver.models.prompt import render
 from chatserver.protocol.worker import CancelRequest, GenerateRequest, SamplingParams, WorkerConfig
-from chatserver.workers import cpu_features, quality_gate
+from chatserver.workers import cpu_features, native_kernels, quality_gate
 from chatserver.workers.core import build_core
 from chatserver.workers.kernels import DownProjLinear, Int8Linear
 from chatserver.workers.precision import int8_kernels
@@ -34,6 +34,7 @@ from load_tests.batch_effect import PROMPTS as BATCH_EFFECT_PROMPTS
 
 QUALITY_TEXT = quality_gate.QUALITY_TEXT
 CPU = cpu_features.detect()
+NATIVE_MISSING = [f for f in native_kernels.REQUIRED_FLAGS if f not in CPU.flags]
 PROMPTS = list(BATCH_EFFECT_PROMPTS)  # load_tests.batch_effect measures on the same ones
 
 
@@ -240,7 +241,7 @@ def float32_scores(hf_model, tokenizer) -> tuple[list[int], dict[int, float]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", ["bfloat16", "int8:avx2", "int8:vnni"])
+@pytest.mark.parametrize("path", ["bfloat16", "int8:avx2", "int8:vnni", "int4"])
 def test_reduced_precision_quality(float32_scores, tokenizer, path, model_dir):
     """Every kernel path this CPU runs correctly: perplexity within 5% of fp32 in one
     prefill and one token a step, and the test prompt's answer holds."""
@@ -250,6 +251,8 @@ def test_reduced_precision_quality(float32_scores, tokenizer, path, model_dir):
             f"int8-vnni needs VNNI; this CPU ({CPU.kind}) has none, and "
             "test_quality_gate.py::test_int8_kernel_paths shows the gate refuses it here"
         )
+    if dtype == "int4" and NATIVE_MISSING:
+        pytest.skip(f"int4's C kernels need {', '.join(NATIVE_MISSING)}; this CPU lacks them")
     ids, reference = float32_scores
     config = WorkerConfig(
         str(model_dir), "m", "cpu", dtype, 1024, 4, 512, 2, int8_kernels=kernels or "auto"

@@ -28,7 +28,7 @@ from chatserver.protocol.worker import (
     WorkerFailed,
     WorkerReady,
 )
-from chatserver.workers import calibration, cpu_features, precision, quality_gate
+from chatserver.workers import calibration, cpu_features, native_kernels, precision, quality_gate
 from chatserver.workers.grammar import GrammarBook
 from chatserver.workers.kv_cache import KVCacheManager
 from chatserver.workers.runner import HFRunner, LlamaRunner, build_runner, supports_fast_runner
@@ -233,9 +233,7 @@ def build_core(worker_id: int, config: WorkerConfig) -> tuple[WorkerCore, Worker
         last = index == len(chain) - 1
         runner = _runner_for(model, candidate, config, keep_float32=not last)
         if runner is None:
-            log.info(
-                "worker %d: %s needs the Llama-family runner; next", worker_id, candidate.kernels
-            )
+            log.info("worker %d: %s cannot run this model here; next", worker_id, candidate.kernels)
             continue
         if not gated or candidate.is_reference:
             chosen = candidate
@@ -317,16 +315,11 @@ def _runner_for(
             # Compiled, the fbgemm int8 kernels gave other numerics (greedy answers
             # changed from the first token); int8 is CPU-only, where compile measured slower.
             log.warning("--compile is for float dtypes; int8 runs eager")
-        return build_runner(
-            model,
-            config.max_context,
-            int8=candidate.int8,
-            calibration=(
-                calibration.for_model(config.model_path, candidate.int8)
-                if candidate.int8.smooths_down
-                else None
-            ),
-        )
+        try:
+            return _int8_runner(model, candidate, config)
+        except native_kernels.NativeUnavailable as exc:
+            log.warning("%s cannot run here: %s; next", candidate.kernels, exc)
+            return None
     dtype = candidate.load_dtype
     if isinstance(model, LlamaWeights):
         model = model.to(dtype)  # a copy when the dtype differs
@@ -336,3 +329,17 @@ def _runner_for(
     if config.compile and not isinstance(runner, LlamaRunner):
         log.warning("--compile applies to the Llama-family runner only; running eager")
     return runner
+
+
+def _int8_runner(model: Any, candidate: precision.Candidate, config: WorkerConfig) -> Any:
+    assert candidate.int8 is not None
+    return build_runner(
+        model,
+        config.max_context,
+        int8=candidate.int8,
+        calibration=(
+            calibration.for_model(config.model_path, candidate.int8)
+            if candidate.int8.smooths_down
+            else None
+        ),
+    )

@@ -59,6 +59,9 @@ class Int8Kernels:
     # q/k/v and o projections: weight-only int8 (full-range weights, bf16
     # activations, see DownProjLinear) up to this many rows; 0: never.
     attn_weight_only_max_rows: int = 0
+    # Every projection and the LM head in the C kernels of native_kernels.py
+    # (4-bit blocks, the LM head 8-bit) in steps of up to this many rows; 0: never.
+    native_max_rows: int = 0
 
     @property
     def smooths_down(self) -> bool:

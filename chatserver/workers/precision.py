@@ -4,8 +4,9 @@
 (quality_gate.py); an explicit `--dtype` walks only its own kernels (one,
 but int8-avx2 is followed by int8-avx2-float-down). The order on CPU
 comes from `python -m load_tests.precision` on each kind of CPU (README,
-"Precision"): int8 first everywhere; then bfloat16 only where the CPU has
-native bf16 (without it a bf16 GEMM measured 4-10x slower than float32 at
+"Precision"): int8 first everywhere, after int4 where int8 lacks VNNI (the
+C kernels of native_kernels.py; where they cannot be built, the chain goes
+on to int8); then bfloat16 only where the CPU has native bf16 (without it a bf16 GEMM measured 4-10x slower than float32 at
 16+ rows on the AVX2 machine), then float32, the reference, which always passes.
 """
 
@@ -78,6 +79,22 @@ def int8_kernels(cpu: CpuFeatures, choice: str = "auto") -> Int8Kernels:
     )
 
 
+def int4_kernels(cpu: CpuFeatures, choice: str = "auto") -> Int8Kernels:
+    """4-bit weights in C kernels for steps of a few rows (native_kernels.py); wider
+    steps (prefill, many streams) run this CPU's int8 kernels, which win there."""
+    wide = int8_kernels(cpu, choice)
+    return dataclasses.replace(wide, name="int4-avx2", native_max_rows=INT4_MAX_ROWS)
+
+
+# Steps of up to this many rows run the 4-bit C kernels; see README, Precision.
+INT4_MAX_ROWS = 4
+
+
+def _int4(cpu: CpuFeatures, choice: str) -> list[Candidate]:
+    kernels = int4_kernels(cpu, choice)
+    return [Candidate("int4", kernels.name, kernels)]
+
+
 def _int8(cpu: CpuFeatures, choice: str) -> list[Candidate]:
     kernels = int8_kernels(cpu, choice)
     chain = [Candidate("int8", kernels.name, kernels)]
@@ -109,15 +126,17 @@ def candidates(
         if cuda:
             return [_float("bfloat16", device, cpu), _float("float32", device, cpu)]
         chain = _int8(cpu, int8_choice)
+        if not int8_kernels(cpu, int8_choice).name.endswith("vnni"):
+            chain = _int4(cpu, int8_choice) + chain
         if cpu.native_bf16:
             chain.append(_float("bfloat16", device, cpu))
         chain.append(_float("float32", device, cpu))
         return chain
-    if dtype == "int8":
+    if dtype in ("int8", "int4"):
         if cuda:
-            # The int8 kernels are fbgemm's (CPU only); bf16 is the fast GPU path.
+            # The int8 and int4 kernels are CPU ones; bf16 is the fast GPU path.
             return [_float("bfloat16", device, cpu)]
-        return _int8(cpu, int8_choice)
+        return _int8(cpu, int8_choice) if dtype == "int8" else _int4(cpu, int8_choice)
     if dtype not in TORCH_DTYPES:
         raise PrecisionUnavailable(f"unknown dtype {dtype!r}")
     return [_float(dtype, device, cpu)]

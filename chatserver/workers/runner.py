@@ -22,7 +22,10 @@ batch, and no int8 path. Ours:
   prefilling one) into one `[tokens, hidden]` matrix, so the weights are read
   once per step however many sequences run: decoding is memory-bound, so a
   step for 16 sequences costs little more than a step for one;
-* computes logits only for the rows that need a next token.
+* computes logits only for the rows that need a next token;
+* under int4, runs steps of a few rows through the C block kernels of
+  native_kernels.py (`NativeLayer`), the norm, the gated MLP product and the
+  residual adds folded into the projections' calls.
 
 `HFRunner` is the fallback for any other architecture: the stock forward with
 one `DynamicCache` per sequence, correct but unbatched.
@@ -51,9 +54,11 @@ import torch
 import torch.nn.functional as F
 
 from chatserver.models.llama_weights import LlamaWeights
+from chatserver.workers import cpu_features, native_kernels
 from chatserver.workers.calibration import DownCalibration
 from chatserver.workers.kernels import DownProjLinear, Int8Kernels, Int8Linear
 from chatserver.workers.kv_cache import SlotClear, SlotCopy, SlotOp, SlotSwap
+from chatserver.workers.native_kernels import BlockLinear
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,18 @@ class StepItem:
     token_ids: list[int]
     start: int
     wants_logits: bool
+
+
+@dataclass(frozen=True)
+class NativeLayer:
+    """One layer's projections as C block kernels (native_kernels.py), for steps of a
+    few rows: q/k/v with the input norm folded in, o and down adding the residual,
+    gate/up with the post-attention norm and the SiLU-gated product folded in."""
+
+    qkv: BlockLinear
+    o: BlockLinear
+    gate_up: BlockLinear
+    down: BlockLinear
 
 
 def linear(
@@ -326,6 +343,9 @@ class LlamaRunner:
         # stayed float32.
         self.weight_first = False
         self.padded_rows = 2
+        self.native_layers: list[NativeLayer] = []
+        self.native_head: BlockLinear | None = None
+        self.native_max_rows = 0
         if int8 is not None:
             if int8.smooths_down and calibration is None:
                 raise ValueError(f"{int8.name} needs a calibration (workers/calibration.py)")
@@ -384,6 +404,18 @@ class LlamaRunner:
         """
         wmax, rows = int8.weight_max, int8.scale_rows_above
         few = int8.attn_weight_only_max_rows
+        library = native_kernels.load(cpu_features.detect()) if int8.native_max_rows else None
+        floats = self.layers
+
+        def native_layer(weights: tuple) -> NativeLayer:
+            ln1, qkv, _, o, ln2, gu, down = weights
+            eps = self.eps
+            return NativeLayer(
+                BlockLinear.from_weight(library, qkv, 4, norm=ln1, eps=eps),
+                BlockLinear.from_weight(library, o, 4),
+                BlockLinear.from_weight(library, gu, 4, gated=True, norm=ln2, eps=eps),
+                BlockLinear.from_weight(library, down, 4),
+            )
 
         def layer(weights: tuple) -> tuple:
             ln1, qkv, b, o, ln2, gu, down = weights
@@ -397,6 +429,7 @@ class LlamaRunner:
                 down,
             )
 
+        head_float = self.lm_head
         with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
             head = pool.submit(Int8Linear, self.lm_head, wmax, rows)
             self.layers = list(pool.map(layer, self.layers))
@@ -411,6 +444,14 @@ class LlamaRunner:
             self.layers = [
                 weights[:6] + (down,) for weights, down in zip(self.layers, downs, strict=True)
             ]
+            if library is not None:
+                # The LM head keeps 8 bits: it is tied to the embedding, which GGUF
+                # files ship in Q8_0 where they ship the projections in Q4_1.
+                self.native_head = BlockLinear.from_weight(
+                    library, head_float, 8, norm=self.final_norm, eps=self.eps
+                )
+                self.native_layers = list(pool.map(native_layer, floats))
+                self.native_max_rows = int8.native_max_rows
 
     # --- cache management -------------------------------------------------
     def reserve_slots(self, slots: int) -> None:
@@ -505,8 +546,13 @@ class LlamaRunner:
         rows = [offsets[i + 1] - 1 for i, it in enumerate(items) if it.wants_logits]
         if not rows:
             return torch.empty(0, self.embed.shape[0])
-        last = self._rms(x[torch.tensor(rows, device=self.device)], self.final_norm)
-        return self.project(last, self.lm_head).float()
+        return self._logits(x[torch.tensor(rows, device=self.device)])
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head of hidden rows, as float32 logits."""
+        if self.native_head is not None and x.shape[0] <= self.native_max_rows:
+            return self.native_head(x)
+        return self.project(self._rms(x, self.final_norm), self.lm_head).float()
 
     @torch.inference_mode()
     def sequence_logits(self, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
@@ -520,7 +566,7 @@ class LlamaRunner:
         for start in range(0, len(token_ids), chunk):
             piece = token_ids[start : start + chunk]
             x, _ = self._hidden([StepItem(-1, 0, piece, start, False)], 1)
-            logits.append(self.project(self._rms(x, self.final_norm), self.lm_head).float())
+            logits.append(self._logits(x))
         return torch.cat(logits)
 
     def score(self, token_ids: list[int], chunk: int | None = None) -> float:
@@ -586,10 +632,12 @@ class LlamaRunner:
                 rows = torch.arange(start, end, device=dev).unsqueeze(1)
                 prefill_masks[i] = torch.arange(end, device=dev).unsqueeze(0) <= rows
         x = F.embedding(ids_t, self.embed)
+        native = self.native_layers if T <= self.native_max_rows else None
         for layer_index, (ln1, w_qkv, b_qkv, w_o, ln2, w_gu, w_down) in enumerate(self.layers):
             k_cache = self.k_cache[layer_index]
             v_cache = self.v_cache[layer_index]
-            q, k, v = self._project_qkv(x, ln1, w_qkv, b_qkv, cos, sin)
+            blocks = native[layer_index] if native else None
+            q, k, v = self._project_qkv(x, ln1, w_qkv, b_qkv, cos, sin, blocks)
             k_cache.view(-1, D).index_copy_(0, cache_rows, k)
             v_cache.view(-1, D).index_copy_(0, cache_rows, v)
             if all_decode:  # q's rows are already the slots' rows
@@ -613,7 +661,11 @@ class LlamaRunner:
                     )
                     attn[lo:hi] = out[0].transpose(0, 1)
                 attn = attn.view(T, H * D)
-            x = self._output_and_mlp(x, attn, w_o, ln2, w_gu, w_down)
+            if blocks is not None:
+                x = blocks.o(attn, residual=x)
+                x = blocks.down(blocks.gate_up(x), residual=x)
+            else:
+                x = self._output_and_mlp(x, attn, w_o, ln2, w_gu, w_down)
         return x, offsets
 
     def _decode_attention(
@@ -642,10 +694,14 @@ class LlamaRunner:
         b_qkv: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor | None,
+        blocks: NativeLayer | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Norm, fused q/k/v projection and rotary: q `[T, H, D]`, k and v `[T * KV, D]`."""
         T, H, KV, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.project(self._rms(x, ln1), w_qkv, b_qkv)
+        if blocks is not None:
+            qkv = blocks.qkv(x) if b_qkv is None else blocks.qkv(x) + b_qkv
+        else:
+            qkv = self.project(self._rms(x, ln1), w_qkv, b_qkv)
         # q and k sit side by side in qkv: one rotary call for both.
         qk = self._rope(qkv[:, : (H + KV) * D].view(T, H + KV, D), cos, sin)
         k = qk[:, H:].reshape(T * KV, D)
