@@ -24,6 +24,24 @@ def servers() -> Iterator[dict[str, ServerProcess]]:
         proc.stop()
 
 
+async def running_at_least(http: aiohttp.ClientSession, url: str, count: int) -> None:
+    """Wait until /metrics shows `count` generations scheduled, and one step more."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        async with http.get(url + "/metrics") as r:
+            text = await r.text()
+        running = [
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("chatserver:num_requests_running")
+        ]
+        if running and sum(running) >= count:
+            await asyncio.sleep(0.3)  # a step: each running generation has a token
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"fewer than {count} generations running after 30 s")
+
+
 async def test_shutdown_finishes_within_its_timeout(servers):
     proc = servers["2"].wait_ready()
     try:
@@ -50,6 +68,9 @@ async def test_shutdown_finishes_within_its_timeout(servers):
             queried = asyncio.create_task(http.post(proc.url + "/v1/query", json=query))
             async with http.post(proc.url + "/v1/chat/completions", json=body) as resp:
                 await resp.content.readline()
+                # The query too must be running before the signal (under load its
+                # request could still be on its way, and get no token at all).
+                await running_at_least(http, proc.url, 2)
                 started = time.monotonic()
                 proc.proc.send_signal(signal.SIGTERM)
                 tail = await resp.content.read()

@@ -125,8 +125,64 @@ def test_a_failed_build_says_why(tmp_path, monkeypatch):
     monkeypatch.setattr(native_kernels, "_library", None)
     monkeypatch.setenv("CHATSERVER_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "false")
-    with pytest.raises(NativeUnavailable, match="building gemv_avx2.c failed"):
+    with pytest.raises(NativeUnavailable, match="building gemv_avx2.c and attention_avx2.c failed"):
         native_kernels.load(CPU)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.raises(NativeUnavailable, match="no C compiler"):
         native_kernels.load(CPU)
+
+
+def reference_attention(qkv, slots, positions, cos, sin, k_cache, v_cache, heads, kv_heads):
+    """The same step in torch: complex rotary on adjacent pairs, cache writes, then SDPA
+    per row over its slot's positions 0..position."""
+    d = k_cache.shape[-1]
+    rows = qkv.shape[0]
+    qk = qkv[:, : (heads + kv_heads) * d].reshape(rows, heads + kv_heads, d // 2, 2)
+    rotation = torch.complex(cos[positions], sin[positions]).unsqueeze(1)
+    qk = torch.view_as_real(torch.view_as_complex(qk.contiguous()) * rotation).reshape(rows, -1, d)
+    q, k = qk[:, :heads], qk[:, heads:]
+    v = qkv[:, (heads + kv_heads) * d :].reshape(rows, kv_heads, d)
+    for r in range(rows):
+        k_cache[slots[r], :, positions[r]] = k[r]
+        v_cache[slots[r], :, positions[r]] = v[r]
+    out = []
+    for r in range(rows):
+        n = int(positions[r]) + 1
+        out.append(
+            F.scaled_dot_product_attention(
+                q[r].unsqueeze(1).unsqueeze(0),
+                k_cache[slots[r] : slots[r] + 1, :, :n],
+                v_cache[slots[r] : slots[r] + 1, :, :n],
+                enable_gqa=True,
+            )[0, :, 0].reshape(-1)
+        )
+    return torch.stack(out)
+
+
+@needs_kernels
+def test_rope_cache_attention_matches_torch(library):
+    """Rows of three slots, two of them one sequence's chunk (the later sees the
+    earlier), against complex rotary, index writes and SDPA in float32."""
+    torch.manual_seed(0)
+    heads, kv_heads, d, capacity = 9, 3, 64, 96
+    positions_all = torch.arange(capacity, dtype=torch.float32)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    angles = positions_all[:, None] * inv[None, :]
+    cos, sin = angles.cos().contiguous(), angles.sin().contiguous()
+    caches = [torch.randn(4, kv_heads, capacity, d) for _ in range(2)]
+    slots = torch.tensor([0, 2, 2, 3])
+    positions = torch.tensor([70, 40, 41, 0])
+    qkv = torch.randn(4, (heads + 2 * kv_heads) * d)
+    attention = native_kernels.RopeCacheAttention(
+        library, cos, sin, heads, kv_heads, d, 1.0 / d**0.5
+    )
+    expected_caches = [c.clone() for c in caches]
+    expected = reference_attention(
+        qkv.clone(), slots, positions, cos, sin, *expected_caches, heads, kv_heads
+    )
+    got = attention(qkv, slots, positions, *caches)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    for cache, reference in zip(caches, expected_caches, strict=True):
+        torch.testing.assert_close(cache, reference, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="refused"):
+        attention(qkv, slots, torch.tensor([capacity, 0, 1, 2]), *caches)

@@ -269,6 +269,28 @@ def test_reduced_precision_quality(float32_scores, tokenizer, path, model_dir):
     assert "Paris" in tokenizer.decode(answer)
 
 
+@pytest.mark.skipif(bool(NATIVE_MISSING), reason="int4's C kernels need AVX2, FMA and F16C")
+def test_int4_decode_rows_are_bit_identical_in_steps_of_one_to_four(tokenizer, model_dir):
+    """int4 runs steps of up to 4 rows in the C kernels alone, projections and attention,
+    each row on its own: a sequence's logits are the same bits decoding alone or
+    beside up to 3 others of other lengths."""
+    config = WorkerConfig(str(model_dir), "m", "cpu", "int4", 256, 4, 256, 2)
+    core, ready = build_core(0, dataclasses.replace(config, skip_quality_gate=True))
+    assert ready.dtype == "int4" and ready.kernels == "int4-avx2"
+    runner = core.runner
+    prompts = [chat_ids(tokenizer, PROMPTS[i]) for i in range(4)]
+    assert len({len(p) for p in prompts}) > 1
+    for slot, ids in enumerate(prompts):
+        runner.forward([StepItem(slot, slot, ids, 0, False)], slot + 1)
+    steps = []
+    for rows in (1, 2, 3, 4):
+        items = [StepItem(i, i, [100 + i], len(prompts[i]), True) for i in range(rows)]
+        steps.append(runner.forward(items, len(items)))
+    for rows, logits in enumerate(steps, start=1):
+        for slot in range(rows):
+            assert torch.equal(logits[slot], steps[-1][slot]), (slot, rows)
+
+
 def outlier_activations(rows: int, seed: int) -> torch.Tensor:
     """down_proj-like inputs: a few channels tens of times wider than the rest."""
     x = torch.randn(rows, 1536, generator=torch.Generator().manual_seed(seed))

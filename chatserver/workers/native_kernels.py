@@ -38,7 +38,9 @@ from chatserver.workers.measurement_cache import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native") / "gemv_avx2.c"
+SOURCES = [
+    Path(__file__).with_name("native") / name for name in ("gemv_avx2.c", "attention_avx2.c")
+]
 BLOCK = 32
 MAX_ROWS = 8  # the C side's limit on rows a call
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
@@ -64,19 +66,22 @@ def _compiler() -> str:
 
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + version.encode() + " ".join(_CFLAGS).encode()
-    ).hexdigest()[:16]
-    target = cache_dir() / "native" / f"gemv_avx2-{key}.so"
+    digest = hashlib.sha256(version.encode() + " ".join(_CFLAGS).encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    target = cache_dir() / "native" / f"kernels_avx2-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(f".{os.getpid()}.tmp")
     done = subprocess.run(
-        [cc, *_CFLAGS, str(SOURCE), "-o", str(partial), "-lm"], capture_output=True, text=True
+        [cc, *_CFLAGS, *map(str, SOURCES), "-o", str(partial), "-lm"],
+        capture_output=True,
+        text=True,
     )
     if done.returncode != 0:
-        raise NativeUnavailable(f"building {SOURCE.name} failed: {done.stderr.strip()[-500:]}")
+        names = " and ".join(source.name for source in SOURCES)
+        raise NativeUnavailable(f"building {names} failed: {done.stderr.strip()[-500:]}")
     os.replace(partial, target)  # atomic: workers building at once each see a whole file
     return target
 
@@ -107,6 +112,23 @@ def load(cpu: CpuFeatures) -> ctypes.CDLL:
                 ctypes.c_int,  # N
                 ctypes.c_int,  # gated
                 ctypes.c_void_p,  # residual or NULL
+                ctypes.c_void_p,  # out
+            ]
+            lib.rope_cache_attend.restype = ctypes.c_int
+            lib.rope_cache_attend.argtypes = [
+                ctypes.c_void_p,  # qkv, rotated in place
+                ctypes.c_int,  # T
+                ctypes.c_void_p,  # slots (int64)
+                ctypes.c_void_p,  # positions (int64)
+                ctypes.c_void_p,  # cos [positions, D/2]
+                ctypes.c_void_p,  # sin
+                ctypes.c_void_p,  # k cache
+                ctypes.c_void_p,  # v cache
+                ctypes.c_int,  # H
+                ctypes.c_int,  # KV
+                ctypes.c_int,  # D
+                ctypes.c_int,  # capacity
+                ctypes.c_float,  # scale
                 ctypes.c_void_p,  # out
             ]
             _library = lib
@@ -219,4 +241,50 @@ class BlockLinear:
         )
         if status != 0:
             raise ValueError(f"block_gemv refused {rows}x{self.in_features} rows")
+        return out
+
+
+@dataclass(frozen=True)
+class RopeCacheAttention:
+    """Rotary, KV cache write and attention of a step of a few rows in one call
+    (native/attention_avx2.c); q and k rows in the runner's pair-adjacent order."""
+
+    library: ctypes.CDLL
+    cos: torch.Tensor  # [positions, D/2] float32
+    sin: torch.Tensor
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+
+    def __call__(
+        self,
+        qkv: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """qkv [T, (H + 2 KV) D] (rotated in place) -> attention output [T, H D]; the
+        caches [slots, KV, capacity, D] get each row's k and v at its slot and position."""
+        rows = qkv.shape[0]
+        out = torch.empty(rows, self.heads * self.head_dim, dtype=torch.float32)
+        status = self.library.rope_cache_attend(
+            qkv.data_ptr(),
+            rows,
+            slots.data_ptr(),
+            positions.data_ptr(),
+            self.cos.data_ptr(),
+            self.sin.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+            k_cache.shape[2],
+            self.scale,
+            out.data_ptr(),
+        )
+        if status != 0:
+            raise ValueError(f"rope_cache_attend refused {rows} rows")
         return out

@@ -58,7 +58,7 @@ from chatserver.workers import cpu_features, native_kernels
 from chatserver.workers.calibration import DownCalibration
 from chatserver.workers.kernels import DownProjLinear, Int8Kernels, Int8Linear
 from chatserver.workers.kv_cache import SlotClear, SlotCopy, SlotOp, SlotSwap
-from chatserver.workers.native_kernels import BlockLinear
+from chatserver.workers.native_kernels import BlockLinear, RopeCacheAttention
 
 log = logging.getLogger(__name__)
 
@@ -345,6 +345,7 @@ class LlamaRunner:
         self.padded_rows = 2
         self.native_layers: list[NativeLayer] = []
         self.native_head: BlockLinear | None = None
+        self.native_attention: RopeCacheAttention | None = None
         self.native_max_rows = 0
         if int8 is not None:
             if int8.smooths_down and calibration is None:
@@ -452,6 +453,17 @@ class LlamaRunner:
                 )
                 self.native_layers = list(pool.map(native_layer, floats))
                 self.native_max_rows = int8.native_max_rows
+                if self.freqs is not None and self.head_dim % 8 == 0:
+                    # Its rotary is the complex form's, on the same pair-adjacent rows.
+                    self.native_attention = RopeCacheAttention(
+                        library,
+                        self.freqs.real.contiguous(),
+                        self.freqs.imag.contiguous(),
+                        self.num_heads,
+                        self.num_kv_heads,
+                        self.head_dim,
+                        self.scale,
+                    )
 
     # --- cache management -------------------------------------------------
     def reserve_slots(self, slots: int) -> None:
@@ -593,6 +605,8 @@ class LlamaRunner:
         ids_t = torch.tensor(token_ids, device=dev)
         pos_t = torch.tensor(positions, device=dev)
         slot_t = torch.tensor(slot_of_token, device=dev)
+        if self.native_attention is not None and T <= self.native_max_rows:
+            return self._native_hidden(ids_t, slot_t, pos_t), offsets
         if self.freqs is not None:
             cos, sin = self.freqs[pos_t].unsqueeze(1), None
         else:
@@ -667,6 +681,23 @@ class LlamaRunner:
             else:
                 x = self._output_and_mlp(x, attn, w_o, ln2, w_gu, w_down)
         return x, offsets
+
+    def _native_hidden(
+        self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """A step of a few rows in the C kernels alone, five calls a layer: q/k/v (norm
+        folded in); rotary, cache write and attention; o; gate/up; down."""
+        attention = self.native_attention
+        assert attention is not None
+        x = F.embedding(ids, self.embed)
+        for blocks, layer, k_cache, v_cache in zip(
+            self.native_layers, self.layers, self.k_cache, self.v_cache, strict=True
+        ):
+            qkv = blocks.qkv(x) if layer[2] is None else blocks.qkv(x) + layer[2]
+            attn = attention(qkv, slots, positions, k_cache, v_cache)
+            x = blocks.o(attn, residual=x)
+            x = blocks.down(blocks.gate_up(x), residual=x)
+        return x
 
     def _decode_attention(
         self,
