@@ -51,6 +51,21 @@ def test_packing_gives_back_q4_1_and_q8_0_weights_bit_for_bit():
     assert torch.equal(native_kernels.unpack(native_kernels.pack_q8(w8), 8, 576), w8)
 
 
+@needs_kernels
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_c_packing_gives_the_reference_packings_bytes(library, bits: int):
+    """BlockLinear packs in C (a start's worth of weights in milliseconds); its bytes
+    are those of the torch reference, pack_q4 / pack_q8."""
+    reference = native_kernels.pack_q4 if bits == 4 else native_kernels.pack_q8
+    weights = [
+        q4_1_weights(96, 576, seed=7) if bits == 4 else q8_0_weights(96, 576, seed=7),
+        torch.randn(96, 1536) * 0.02,
+        torch.zeros(8, 64),  # blocks whose scale is 0
+    ]
+    for weight in weights:
+        assert torch.equal(native_kernels.pack(library, weight, bits), reference(weight))
+
+
 def test_packing_other_weights_is_near():
     w = torch.randn(96, 1536) * 0.02
     for bits, bound in ((4, 0.12), (8, 0.008)):

@@ -127,7 +127,8 @@ def test_auto_chains_fastest_first_and_end_at_float32() -> None:
     int4 = candidates("auto", "cpu", AVX2)[0]
     assert int4.dtype == "int4" and int4.int8 is not None
     # Its wide steps (prefill, many streams) run int8-avx2's kernels.
-    assert dataclasses.replace(int4.int8, name="int8-avx2", native_max_rows=0) == int8_kernels(AVX2)
+    wide = dataclasses.replace(int4.int8, name="int8-avx2", native_max_rows=0)
+    assert dataclasses.replace(wide, attn_weight_only_max_rows=4) == int8_kernels(AVX2)
     assert 1 <= int4.int8.native_max_rows <= native_kernels.MAX_ROWS
     exact_down = candidates("auto", "cpu", AVX2)[2].int8
     assert exact_down is not None and exact_down.down_wide_dtype == torch.float32

@@ -114,6 +114,14 @@ def load(cpu: CpuFeatures) -> ctypes.CDLL:
                 ctypes.c_void_p,  # residual or NULL
                 ctypes.c_void_p,  # out
             ]
+            lib.pack_blocks.restype = None
+            lib.pack_blocks.argtypes = [
+                ctypes.c_void_p,  # w [N, K] float32
+                ctypes.c_int,  # N
+                ctypes.c_int,  # K
+                ctypes.c_int,  # bits
+                ctypes.c_void_p,  # out
+            ]
             lib.rope_cache_attend.restype = ctypes.c_int
             lib.rope_cache_attend.argtypes = [
                 ctypes.c_void_p,  # qkv, rotated in place
@@ -133,6 +141,15 @@ def load(cpu: CpuFeatures) -> ctypes.CDLL:
             ]
             _library = lib
         return _library
+
+
+def pack(library: ctypes.CDLL, weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """W [N, K] packed by the C library: the bytes of pack_q4 / pack_q8, in milliseconds."""
+    w = weight.detach().float().contiguous()
+    n, k = w.shape
+    out = torch.empty(n, k // BLOCK * _BLOCK_BYTES[bits], dtype=torch.uint8)
+    library.pack_blocks(w.data_ptr(), n, k, bits, out.data_ptr())
+    return out
 
 
 def pack_q4(weight: torch.Tensor) -> torch.Tensor:
@@ -215,7 +232,7 @@ class BlockLinear:
         if k % BLOCK or (gated and n % 2):
             # The model cannot use these kernels: its worker goes on to the next precision.
             raise NativeUnavailable(f"a {n}x{k} weight does not split into blocks of {BLOCK}")
-        packed = pack_q4(weight) if bits == 4 else pack_q8(weight)
+        packed = pack(library, weight, bits)
         norm_f32 = None if norm is None else norm.detach().float().contiguous()
         return cls(library, packed, bits, k, n // 2 if gated else n, gated, norm_f32, eps)
 

@@ -83,7 +83,10 @@ def int4_kernels(cpu: CpuFeatures, choice: str = "auto") -> Int8Kernels:
     """4-bit weights in C kernels for steps of a few rows (native_kernels.py); wider
     steps (prefill, many streams) run this CPU's int8 kernels, which win there."""
     wide = int8_kernels(cpu, choice)
-    return dataclasses.replace(wide, name="int4-avx2", native_max_rows=INT4_MAX_ROWS)
+    # q/k/v and o in int8 weight-only form serve only steps the C kernels take.
+    return dataclasses.replace(
+        wide, name="int4-avx2", native_max_rows=INT4_MAX_ROWS, attn_weight_only_max_rows=0
+    )
 
 
 # Steps of up to this many rows run the 4-bit C kernels; see README, Precision.
