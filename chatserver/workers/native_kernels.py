@@ -7,23 +7,25 @@ around a projection. native/gemv_avx2.c reads 4-bit blocks (GGUF's Q4_1: the
 default model's projections are shipped in it, so its weights stay exact) or
 8-bit ones (Q8_0: its embedding, hence the tied LM head), quantizes the
 activations per block of 32 as it starts, and folds in the RMS norm before a
-projection, the SiLU-gated product after gate/up and the residual add.
+projection, the SiLU-gated product after gate/up and the residual add;
+native/attention_avx2.c does a layer's rotary, KV cache write and attention
+in one call. It also packs the weights (pack_blocks; pack_q4 and pack_q8 here
+are the reference its bytes are tested against).
 
 Weight layout, one row of W [N, K] after another, K / 32 blocks a row:
   4 bits: fp16 d, fp16 m, 16 bytes; byte j holds q_j | q_{j+16} << 4;  w = d q + m
   8 bits: fp16 d, 32 int8;                                              w = d q
 
 The library is built once per source and compiler into the cache directory
-(about a second) and loaded only where the CPU has AVX2, FMA and F16C; where
-gcc is missing or the build fails, `load()` says why and the runner keeps
-its torch kernels.
+(1.7 s on the 2-core AVX2 EPYC) and loaded only where the CPU has AVX2, FMA
+and F16C; where gcc is missing or the build fails, `load()` says why and the
+worker goes on to the next precision (int8).
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import logging
 import os
 import shutil
 import subprocess
@@ -35,8 +37,6 @@ import torch
 
 from chatserver.workers.cpu_features import CpuFeatures
 from chatserver.workers.measurement_cache import cache_dir
-
-log = logging.getLogger(__name__)
 
 SOURCES = [
     Path(__file__).with_name("native") / name for name in ("gemv_avx2.c", "attention_avx2.c")
