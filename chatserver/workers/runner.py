@@ -370,10 +370,13 @@ class LlamaRunner:
             self._output_and_mlp = torch.compile(self._output_and_mlp, dynamic=True)
         self.reserve_slots(slots)
         if compile:
-            # Compile now, so readiness includes it rather than the first request:
-            # a prefill (dynamic length) and a one-token decode (specialized).
-            self.forward([StepItem(-1, 0, [0, 1, 2], 0, True)], 1)
-            self.forward([StepItem(-1, 0, [3], 3, True)], 1)
+            # Compile now, so readiness includes it rather than the first request.
+            # One graph per row class: 1 row (specialized), each few-rows form up to
+            # FEW_ROWS (their padding is a guard), and FEW_ROWS + 1 on (dynamic).
+            # Warming 3 and 1 rows alone left the first longer prompt to recompile
+            # while every stream waited (TORCH_LOGS=recompiles showed it).
+            for rows in range(1, FEW_ROWS + 2):
+                self.forward([StepItem(-1, 0, list(range(rows)), 0, True)], 1)
 
     @torch.inference_mode()
     def down_input_maxima(self, token_ids: list[int]) -> list[torch.Tensor]:
@@ -405,7 +408,15 @@ class LlamaRunner:
         """
         wmax, rows = int8.weight_max, int8.scale_rows_above
         few = int8.attn_weight_only_max_rows
-        library = native_kernels.load(cpu_features.detect()) if int8.native_max_rows else None
+        library = None
+        if int8.native_max_rows:
+            if self.freqs is None or self.head_dim % 8:
+                # The attention kernel takes the complex rotary on 8-float rows; without
+                # it a C step would be half torch's, a second path not worth its keep.
+                raise native_kernels.NativeUnavailable(
+                    "the C attention needs the complex rotary and a head size in 8s"
+                )
+            library = native_kernels.load(cpu_features.detect())
         floats = self.layers
 
         def native_layer(weights: tuple) -> NativeLayer:
@@ -453,17 +464,17 @@ class LlamaRunner:
                 )
                 self.native_layers = list(pool.map(native_layer, floats))
                 self.native_max_rows = int8.native_max_rows
-                if self.freqs is not None and self.head_dim % 8 == 0:
-                    # Its rotary is the complex form's, on the same pair-adjacent rows.
-                    self.native_attention = RopeCacheAttention(
-                        library,
-                        self.freqs.real.contiguous(),
-                        self.freqs.imag.contiguous(),
-                        self.num_heads,
-                        self.num_kv_heads,
-                        self.head_dim,
-                        self.scale,
-                    )
+                assert self.freqs is not None
+                # Its rotary is the complex form's, on the same pair-adjacent rows.
+                self.native_attention = RopeCacheAttention(
+                    library,
+                    self.freqs.real.contiguous(),
+                    self.freqs.imag.contiguous(),
+                    self.num_heads,
+                    self.num_kv_heads,
+                    self.head_dim,
+                    self.scale,
+                )
 
     # --- cache management -------------------------------------------------
     def reserve_slots(self, slots: int) -> None:
@@ -646,12 +657,10 @@ class LlamaRunner:
                 rows = torch.arange(start, end, device=dev).unsqueeze(1)
                 prefill_masks[i] = torch.arange(end, device=dev).unsqueeze(0) <= rows
         x = F.embedding(ids_t, self.embed)
-        native = self.native_layers if T <= self.native_max_rows else None
         for layer_index, (ln1, w_qkv, b_qkv, w_o, ln2, w_gu, w_down) in enumerate(self.layers):
             k_cache = self.k_cache[layer_index]
             v_cache = self.v_cache[layer_index]
-            blocks = native[layer_index] if native else None
-            q, k, v = self._project_qkv(x, ln1, w_qkv, b_qkv, cos, sin, blocks)
+            q, k, v = self._project_qkv(x, ln1, w_qkv, b_qkv, cos, sin)
             k_cache.view(-1, D).index_copy_(0, cache_rows, k)
             v_cache.view(-1, D).index_copy_(0, cache_rows, v)
             if all_decode:  # q's rows are already the slots' rows
@@ -675,11 +684,7 @@ class LlamaRunner:
                     )
                     attn[lo:hi] = out[0].transpose(0, 1)
                 attn = attn.view(T, H * D)
-            if blocks is not None:
-                x = blocks.o(attn, residual=x)
-                x = blocks.down(blocks.gate_up(x), residual=x)
-            else:
-                x = self._output_and_mlp(x, attn, w_o, ln2, w_gu, w_down)
+            x = self._output_and_mlp(x, attn, w_o, ln2, w_gu, w_down)
         return x, offsets
 
     def _native_hidden(
@@ -725,14 +730,10 @@ class LlamaRunner:
         b_qkv: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor | None,
-        blocks: NativeLayer | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Norm, fused q/k/v projection and rotary: q `[T, H, D]`, k and v `[T * KV, D]`."""
         T, H, KV, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        if blocks is not None:
-            qkv = blocks.qkv(x) if b_qkv is None else blocks.qkv(x) + b_qkv
-        else:
-            qkv = self.project(self._rms(x, ln1), w_qkv, b_qkv)
+        qkv = self.project(self._rms(x, ln1), w_qkv, b_qkv)
         # q and k sit side by side in qkv: one rotary call for both.
         qk = self._rope(qkv[:, : (H + KV) * D].view(T, H + KV, D), cos, sin)
         k = qk[:, H:].reshape(T * KV, D)
