@@ -133,7 +133,9 @@ def test_auto_chains_fastest_first_and_end_at_float32() -> None:
     exact_down = candidates("auto", "cpu", AVX2)[2].int8
     assert exact_down is not None and exact_down.down_wide_dtype == torch.float32
     chain = [c.kernels for c in candidates("auto", "cpu", AVX512_VNNI_BF16)]
-    assert chain == ["int8-vnni", "bfloat16-native", "float32"]
+    assert chain == ["int4-avx2", "int8-vnni", "bfloat16-native", "float32"]
+    vnni_int4 = candidates("auto", "cpu", AVX512_VNNI_BF16)[0].int8
+    assert vnni_int4 is not None and vnni_int4.weight_max == 127  # wide steps: int8-vnni's
     chain = [c.kernels for c in candidates("auto", "cuda:0", AVX2)]
     assert chain == ["cuda-bfloat16", "cuda-float32"]
     assert candidates("auto", "cpu", AVX2)[-1].is_reference

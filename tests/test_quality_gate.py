@@ -56,9 +56,9 @@ def fp32_perplexity(model_dir, text_ids) -> dict[int | None, float]:
     }
 
 
-# What --dtype auto serves here: int8 where the CPU has VNNI, else int4's C kernels
-# (every AVX2 CPU has the FMA and F16C they need too).
-AUTO_PICKS = ("int8", "int8-vnni") if CPU.vnni else ("int4", "int4-avx2")
+# What --dtype auto serves here: int4's C kernels (every AVX2 CPU has the FMA and
+# F16C they need too).
+AUTO_PICKS = ("int4", "int4-avx2")
 
 
 def config(model_dir, dtype: str, **kw) -> WorkerConfig:
