@@ -363,9 +363,13 @@ def test_an_int8_avx2_runner_needs_calibration(hf_model):
 
 @pytest.mark.slow
 def test_compiled_runner_matches_eager(hf_model, tokenizer):
-    """--compile changes speed, not results: prefill and batched decode logits match eager."""
+    """--compile changes speed, not results: prefill and batched decode logits match eager;
+    and every graph is compiled at load, not in a request's step."""
+    from torch._dynamo.utils import counters
+
     eager = LlamaRunner(hf_model, 512)
     compiled = LlamaRunner(hf_model, 512, compile=True)
+    graphs_at_load = counters["stats"]["unique_graphs"]
     prompts = [chat_ids(tokenizer, p) for p in PROMPTS[:3]]
     for runner in (eager, compiled):
         for slot, ids in enumerate(prompts):
@@ -377,6 +381,8 @@ def test_compiled_runner_matches_eager(hf_model, tokenizer):
         got = compiled.forward(items, len(prompts))
         assert torch.allclose(got, expected, atol=1e-3, rtol=1e-3)
         assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
+    compiled.forward([StepItem(0, 0, [9], len(prompts[0]) + 2, True)], len(prompts))
+    assert counters["stats"]["unique_graphs"] == graphs_at_load
 
 
 def test_the_cache_is_reserved_once_and_never_moves(hf_model, tokenizer):
