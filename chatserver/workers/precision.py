@@ -130,8 +130,10 @@ def candidates(
     if dtype == "auto":
         if cuda:
             return [_float("bfloat16", device, cpu), _float("float32", device, cpu)]
-        # int4 first on VNNI CPUs too: on the AVX-512 EPYC (VNNI avx512_vnni) it served
-        # 155 tok/s at one stream against int8-vnni's 66 (README, Precision).
+        # int4 first on VNNI CPUs too: `load_tests.bench_batching --server-args "--dtype
+        # int4" --baseline-args "--dtype int8"` on the AVX-512 EPYC (torch capability
+        # AVX512, VNNI avx512_vnni) gave 155 tok/s at one stream against int8-vnni's 66
+        # (README, Benchmarks, "Continuous batching on an AVX-512 EPYC").
         chain = _int4(cpu, int8_choice) + _int8(cpu, int8_choice)
         if cpu.native_bf16:
             chain.append(_float("bfloat16", device, cpu))
