@@ -111,7 +111,7 @@ class Settings:
         default="auto",
         metadata={
             "help": "weights: auto (the fastest precision for this device and CPU that "
-            "passes the quality gate: int4 where the CPU lacks VNNI, int8, then bfloat16 "
+            "passes the quality gate: int4, then int8, then bfloat16 "
             "where the CPU has native bf16, then float32; bfloat16 on CUDA; see README "
             "Precision), float32, bfloat16, float16, int8, int4 (4-bit weights in C "
             "kernels built here with gcc for steps of a few rows, int8 for wider ones; "
@@ -135,6 +135,15 @@ class Settings:
             "avx2 (compute as an AVX2-only CPU does: its kernels and int8 precision, this "
             "CPU's speed; for testing the AVX2 paths, see README Precision)",
             "choices": CPU_ISA_CHOICES,
+        },
+    )
+    batch_invariant: bool = field(
+        default=False,
+        metadata={
+            "help": "CPU: compute every step in the int4 C kernels, a few rows a call, so a "
+            "reply's bits do not depend on what shares its batch, on the prefix cache, or "
+            "on the x86 CPU (greedy replies reproducible); slower at many streams and in "
+            "prefill (README Precision). Needs --dtype auto or int4 and gcc"
         },
     )
     skip_quality_gate: bool = field(

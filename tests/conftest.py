@@ -29,7 +29,7 @@ if not os.environ.get("CHATSERVER_CACHE_DIR"):
     _CACHE_DIR = tempfile.mkdtemp(prefix="chatserver-test-cache-")
     os.environ["CHATSERVER_CACHE_DIR"] = _CACHE_DIR
 
-from tests.serverproc import ServerProcess  # noqa: E402
+from tests.serverproc import EXACT_FLAGS, ServerProcess  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO / "models" / "SmolLM2-135M-Instruct"
@@ -73,9 +73,9 @@ def server_url(server: ServerProcess) -> str:
 
 @pytest.fixture(scope="session")
 def exact_server() -> Iterator[ServerProcess]:
-    """float32, for tests that compare greedy texts (int8 and bf16 are not invariant to
+    """For tests that compare greedy texts (the default kernels are not invariant to
     how a prompt is split into cached and computed parts; README Precision). Shared by
-    the Responses API's and openai-agents' tests."""
-    proc = ServerProcess("--dtype", "float32", "--log-level", "warning").wait_ready()
+    the Responses API's, openai-agents' and langchain's tests."""
+    proc = ServerProcess(*EXACT_FLAGS, "--log-level", "warning").wait_ready()
     yield proc
     proc.stop()

@@ -8,6 +8,8 @@ server that is not ready yet, or one that refuses to start.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -16,7 +18,18 @@ from typing import Any
 import aiohttp
 import websockets
 
+from chatserver.workers import cpu_features, native_kernels
 from load_tests.server import LaunchedServer
+
+# Flags for greedy texts that must not depend on the batch, the prefix cache or the
+# CPU kind: --batch-invariant where its C kernels build, else float32 (nearly as
+# invariant, and several times slower to decode).
+EXACT_FLAGS = (
+    ("--batch-invariant",)
+    if shutil.which(os.environ.get("CC") or "gcc")
+    and all(f in cpu_features.detect().flags for f in native_kernels.REQUIRED_FLAGS)
+    else ("--dtype", "float32")
+)
 
 
 class ServerProcess(LaunchedServer):

@@ -31,7 +31,7 @@ async def client(server: ServerProcess) -> AsyncIterator[AsyncOpenAI]:
 
 @pytest.fixture
 async def exact_client(exact_server: ServerProcess) -> AsyncIterator[AsyncOpenAI]:
-    """For tests that compare greedy texts: the shared float32 server (conftest)."""
+    """For tests that compare greedy texts: the shared exact server (conftest)."""
     async with AsyncOpenAI(
         base_url=exact_server.url + "/v1", api_key="x", max_retries=0, timeout=120
     ) as c:

@@ -80,8 +80,9 @@ async def test_session_history_across_queries(
 async def test_stop_string_ends_reply(
     http: aiohttp.ClientSession, exact_server: ServerProcess
 ) -> None:
-    # float32: the second prompt reuses the first one's cached prefix, and int8's
-    # greedy text may differ with how a prompt splits into cached and computed parts.
+    # The exact server: the second prompt reuses the first one's cached prefix, and the
+    # default kernels' greedy text may differ with how a prompt splits into cached and
+    # computed parts.
     _, free = await query(http, exact_server, message="List three fruits.", max_tokens=32)
     status, stopped = await query(
         http, exact_server, message="List three fruits.", max_tokens=32, stop="\n"

@@ -1,6 +1,6 @@
 """chatserver.api.responses: /v1/responses over HTTP and WebSocket mode, with the `openai` client.
 
-On the float32 server (conftest ``exact_server``: greedy texts are compared), and
+On the batch-invariant server (conftest ``exact_server``: greedy texts are compared), and
 the stored-response backends against the real Redis.
 """
 
@@ -519,7 +519,7 @@ def _entries(logprobs: list[Any]) -> list[dict[str, Any]]:
 def assert_same_to_rounding(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
     """The same tokens, top tokens and order; logprobs equal to 1e-4.
 
-    The second of two identical float32 requests prefills only what the prefix
+    Where ``exact_server`` is float32 (no C kernels), the second of two identical requests prefills only what the prefix
     cache lacks, a step of another size, and on the Intel(R) Xeon(R) Processor
     (torch CPU capability AVX512, VNNI avx_vnni) MKL computes 2-15 rows with
     another kernel than 16 or more: logprobs then differ in the sixth digit

@@ -1,7 +1,7 @@
 """Tool calling on /v1/chat/completions, through the official `openai` client.
 
-A real server in float32 (greedy replies compared across requests must be the
-same text). The 135M model is weak, so what is tested is what is guaranteed:
+A real batch-invariant server (conftest ``exact_server``: greedy replies compared
+across requests must be the same text). The 135M model is weak, so what is tested is what is guaranteed:
 ``required`` and a named ``tool_choice`` produce calls whose arguments are valid
 for their schema (constrained decoding); ``auto`` is tested with a history of
 earlier calls the model copies, which also tests that such histories render.
@@ -59,7 +59,7 @@ ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
 
 @pytest.fixture(scope="module")
 def tools_server(exact_server: ServerProcess) -> ServerProcess:
-    """The shared float32 server (conftest): greedy texts here must not depend on the batch."""
+    """The shared exact server (conftest): greedy texts here must not depend on the batch."""
     return exact_server
 
 

@@ -4,8 +4,8 @@ pointed at a real chatserver: the suite LangChain holds every chat integration t
 Every test passes or is skipped by a capability this class declares, with the
 reason beside it; none may fail. Replies are greedy (``temperature: 0``) and
 short (``max_tokens``), since the standard tests check shapes and guarantees,
-not answers; they run on the shared default server (int8), except the tests
-that need what only float32's greedy text gives (see ``model``).
+not answers; they run on the shared default server, except the tests that need
+a greedy text the same on every CPU (the exact server, see ``model``).
 
 The default 135M model does not call tools unprompted (``tool_choice: "auto"``
 is honoured, it simply answers in text), so the tests that bind tools without a
@@ -33,8 +33,8 @@ _server: dict[str, ServerProcess] = {}
 
 @pytest.fixture(scope="module", autouse=True)
 def langchain_servers(exact_server: ServerProcess, server: ServerProcess) -> None:
-    """The shared default (int8) server (conftest) for most tests, and the float32
-    one for those whose greedy text must not depend on the CPU or the batch (see `model`)."""
+    """The shared default server (conftest) for most tests, and the exact one
+    for those whose greedy text must not depend on the CPU or the batch (see `model`)."""
     _server["exact"], _server["default"] = exact_server, server
 
 
@@ -57,7 +57,7 @@ class TestChatServerStandard(ChatModelIntegrationTests):
 
     @pytest.fixture
     def model(self, request: pytest.FixtureRequest) -> ChatOpenAI:
-        """The standard `model` fixture, on the default (int8) server but for one test.
+        """The standard `model` fixture, on the default server but for a few tests.
 
         Most of these tests check shapes (constrained decoding guarantees a tool
         call's and a schema's), and those that check what the model writes (a tool
@@ -65,7 +65,8 @@ class TestChatServerStandard(ChatModelIntegrationTests):
         alone with its two servers' starts: 65 s, 79 s with `--int8-kernels avx2`).
         In make test the module took 129 s on float32 and 47 s so (AMD EPYC, torch
         capability AVX512, VNNI avx512_vnni, 2026-12-02).
-        Two kinds keep float32's greedy text, the same on every CPU:
+        Two kinds go to the exact server (conftest: --batch-invariant, else float32),
+        whose greedy text is the same on every CPU:
         test_unicode_tool_call_integration wants the model to copy a Chinese name
         into the call, and on int8 it wrote "<string>"; the test_structured_output*
         tests need the schema-valid reply to end within max_tokens, and with the

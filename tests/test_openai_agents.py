@@ -3,7 +3,7 @@
 The SDK's defaults, not ours: its Responses model over HTTP (a function tool
 with ``tool_choice="required"``, a pydantic ``output_type``) and its
 ``responses_websocket_session()`` (WebSocket mode, turns chained by
-``previous_response_id``). On the float32 server (conftest ``exact_server``) so
+``previous_response_id``). On the batch-invariant server (conftest ``exact_server``) so
 the greedy replies repeat. Tracing is off: it would post to OpenAI.
 """
 

@@ -1,6 +1,6 @@
 """``n`` > 1 on /v1/chat/completions and /v1/completions (api/openai/choices.py).
 
-Against real servers with the real model: the float32 ``exact_server`` (seeded
+Against real servers with the real model: the batch-invariant ``exact_server`` (seeded
 samples compared across requests must be the same text), and a small server of
 this module's own (2 running slots, 2 queue places, API keys, a token rate
 limit) for admission, rate limits and a killed worker.
@@ -54,7 +54,8 @@ async def poem(client: AsyncOpenAI, n: int, seed: int, **extra: Any) -> Any:
 
 def assert_same_logprobs(streamed: list[dict[str, Any]], whole: list[dict[str, Any]]) -> None:
     """Same tokens, same logprobs up to rounding: the second request finds the prompt
-    cached and prefills less of it, so float32 sums come out in another order."""
+    cached and prefills less of it, so where ``exact_server`` is float32 (no C kernels)
+    its sums come out in another order."""
     assert [(e["token"], e["bytes"]) for e in streamed] == [(e["token"], e["bytes"]) for e in whole]
     for s, w in zip(streamed, whole, strict=True):
         assert s["logprob"] == pytest.approx(w["logprob"], rel=1e-4, abs=1e-4)

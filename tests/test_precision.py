@@ -20,6 +20,7 @@ import torch
 from chatserver.workers import cpu_features, native_kernels
 from chatserver.workers.cpu_features import CpuFeatures
 from chatserver.workers.precision import PrecisionUnavailable, candidates, int8_kernels
+from tests.serverproc import ServerProcess
 
 AVX2 = CpuFeatures("AMD EPYC (AVX2)", 2, "AVX2", frozenset({"avx2", "fma"}))
 AVX512_VNNI_BF16 = CpuFeatures(
@@ -120,7 +121,7 @@ def test_forcing_kernels() -> None:
 
 def test_auto_chains_fastest_first_and_end_at_float32() -> None:
     chain = [c.kernels for c in candidates("auto", "cpu", AVX2)]
-    # int4's C kernels first where int8 lacks VNNI (README, Precision); emulated bf16
+    # int4's C kernels first on every CPU (README, Precision); emulated bf16
     # is slower than float32 batched; int8 with an unsmoothed down_proj is the
     # fallback for a model whose smoothing fails the gate.
     assert chain == ["int4-avx2", "int8-avx2", "int8-avx2-float-down", "float32"]
@@ -158,3 +159,28 @@ def test_explicit_dtype_chains_only_its_own_kernels() -> None:
     assert [c.dtype for c in candidates("int4", "cuda", AVX2)] == ["bfloat16"]
     with pytest.raises(PrecisionUnavailable):
         candidates("int2", "cpu", AVX2)
+
+
+def test_batch_invariant_is_the_int4_c_kernels_alone() -> None:
+    """--batch-invariant has one path, every step in the C kernels; what has none is
+    refused, not served with kernels that would break the promise."""
+    for cpu in (AVX2, AVX512_VNNI_BF16):
+        for dtype in ("auto", "int4"):
+            chain = candidates(dtype, "cpu", cpu, batch_invariant=True)
+            assert [c.kernels for c in chain] == ["int4-avx2-invariant"]
+            kernels = chain[0].int8
+            assert kernels is not None and kernels.native_only and not kernels.smooths_down
+            assert kernels.native_max_rows == native_kernels.MAX_ROWS
+    for dtype, device in (("float32", "cpu"), ("int8", "cpu"), ("auto", "cuda:0")):
+        with pytest.raises(PrecisionUnavailable, match="batch-invariant"):
+            candidates(dtype, device, AVX2, batch_invariant=True)
+
+
+def test_a_server_asked_for_batch_invariance_it_cannot_give_does_not_start() -> None:
+    proc = ServerProcess("--batch-invariant", "--dtype", "float32", "--log-level", "warning")
+    try:
+        code = proc.proc.wait(timeout=120)
+    finally:
+        proc.stop()
+    assert code != 0
+    assert "--batch-invariant runs the int4 C kernels" in proc.log() and "float32" in proc.log()

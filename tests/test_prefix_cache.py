@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 from chatserver.models.prompt import render
 from chatserver.protocol.worker import CancelRequest, GenerateRequest, SamplingParams, WorkerConfig
 from chatserver.workers.core import build_core
-from tests.serverproc import ServerProcess
+from tests.serverproc import EXACT_FLAGS, ServerProcess
 
 QUESTIONS = ["What is the capital of France?", "And what is it famous for?", "Name a museum."]
 OTHER = ["Write a haiku about the sea.", "Now one about the mountains."]
@@ -209,7 +209,7 @@ async def test_a_sessions_next_turn_is_served_from_the_cache(server):
 @pytest.fixture(scope="module")
 def two_workers():
     proc = ServerProcess(
-        "--engine", "pool", "--workers", "2", "--dtype", "float32", "--log-level", "warning"
+        "--engine", "pool", "--workers", "2", *EXACT_FLAGS, "--log-level", "warning"
     ).wait_ready()
     # /readyz is 200 once one worker serves; this test needs both.
     deadline = time.monotonic() + 180

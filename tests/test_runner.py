@@ -291,6 +291,37 @@ def test_int4_decode_rows_are_bit_identical_in_steps_of_one_to_four(tokenizer, m
             assert torch.equal(logits[slot], steps[-1][slot]), (slot, rows)
 
 
+@pytest.mark.skipif(bool(NATIVE_MISSING), reason="int4's C kernels need AVX2, FMA and F16C")
+def test_a_batch_invariant_runner_gives_a_sequence_the_same_bits_in_any_step(tokenizer, model_dir):
+    """--batch-invariant: every step in the C kernels, prefill included, so a sequence's
+    logits do not depend on the prompts it is prefilled with, on where its prompt is
+    split between cached and computed parts, or on how many rows it decodes beside."""
+    config = WorkerConfig(str(model_dir), "m", "cpu", "auto", 256, 4, 256, 2)
+    config = dataclasses.replace(config, batch_invariant=True, skip_quality_gate=True)
+    core, ready = build_core(0, config)
+    assert ready.dtype == "int4" and ready.kernels == "int4-avx2-invariant"
+    runner = core.runner
+    runner.reserve_slots(13)
+    prompts = [chat_ids(tokenizer, PROMPTS[i]) for i in range(6)]
+    alone = [
+        runner.forward([StepItem(i, i, ids, 0, True)], i + 1)[0] for i, ids in enumerate(prompts)
+    ]
+    together = runner.forward(
+        [StepItem(6 + i, 6 + i, ids, 0, True) for i, ids in enumerate(prompts)], 12
+    )
+    cut = 7  # not a multiple of the C kernels' rows, nor of any chunk
+    runner.forward([StepItem(12, 12, prompts[0][:cut], 0, False)], 13)
+    split = runner.forward([StepItem(12, 12, prompts[0][cut:], cut, True)], 13)[0]
+    for i in range(6):
+        assert torch.equal(together[i], alone[i]), i
+    assert torch.equal(split, alone[0])
+    decode_alone = runner.forward([StepItem(0, 0, [42], len(prompts[0]), True)], 1)[0]
+    decode_wide = [
+        StepItem(6 + i, 6 + i, [42 + i], len(ids), True) for i, ids in enumerate(prompts)
+    ]
+    assert torch.equal(runner.forward(decode_wide, 12)[0], decode_alone)
+
+
 def outlier_activations(rows: int, seed: int) -> torch.Tensor:
     """down_proj-like inputs: a few channels tens of times wider than the rest."""
     x = torch.randn(rows, 1536, generator=torch.Generator().manual_seed(seed))

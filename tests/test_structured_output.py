@@ -238,7 +238,7 @@ async def test_logprobs_under_a_grammar_and_on_text_completions(client: AsyncOpe
 
 
 async def test_a_constrained_neighbour_changes_nothing(client: AsyncOpenAI) -> None:
-    """float32 greedy: the same text alone and beside constrained, logprob-asking rows."""
+    """Batch-invariant greedy: the same text alone and beside constrained, logprob-asking rows."""
     plain = {"model": MODEL, "messages": ASK, "max_tokens": 24}
     alone = await client.chat.completions.create(**plain)  # type: ignore[call-overload]
     neighbours = [

@@ -27,7 +27,7 @@ from playwright.async_api import Browser, Page, WebSocketRoute, async_playwright
 
 from chatserver.api.page import CSP, static_files
 from load_tests.server import free_port
-from tests.serverproc import ServerProcess, generations, wait_no_generations
+from tests.serverproc import EXACT_FLAGS, ServerProcess, generations, wait_no_generations
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -43,7 +43,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 ARTIFACTS = REPO / "load_tests" / "results" / "tmp" / "web"
-SERVER_FLAGS = ("--dtype", "float32", "--log-level", "warning", "--session-ttl", "900")
+SERVER_FLAGS = (*EXACT_FLAGS, "--log-level", "warning", "--session-ttl", "900")
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 360, "height": 740}
 REPLY_TIMEOUT_MS = 60_000

@@ -470,6 +470,7 @@ class InferenceEngine:
                     gpu=worker_device.startswith("cuda"),
                 ),
                 prefix_cache=s.prefix_cache,
+                batch_invariant=s.batch_invariant,
             )
             for worker_device in devices
         ]

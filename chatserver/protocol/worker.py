@@ -183,3 +183,4 @@ class WorkerConfig:
     quality_min_top1: float = 0.85
     kv_cache_bytes: int = 0  # this worker's KV cache budget (0: --max-batch x 4 slots)
     prefix_cache: bool = True  # reuse cached prompt prefixes (workers/kv_cache.py)
+    batch_invariant: bool = False  # every step in the int4 C kernels (precision.py)

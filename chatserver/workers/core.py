@@ -211,7 +211,9 @@ def build_core(worker_id: int, config: WorkerConfig) -> tuple[WorkerCore, Worker
     grammars = GrammarBook(config.model_path)
     grammars.warm()
     cpu = cpu_features.detect()
-    chain = precision.candidates(config.dtype, config.device, cpu, config.int8_kernels)
+    chain = precision.candidates(
+        config.dtype, config.device, cpu, config.int8_kernels, config.batch_invariant
+    )
     # float32 is the reference itself: a chain of float32 alone has nothing to gate.
     gated = not config.skip_quality_gate and any(not c.is_reference for c in chain)
     source = ModelSource(config.model_id, config.model_path, True)
@@ -318,6 +320,10 @@ def _runner_for(
         try:
             return _int8_runner(model, candidate, config)
         except native_kernels.NativeUnavailable as exc:
+            if candidate.int8.native_only:
+                raise precision.PrecisionUnavailable(
+                    f"--batch-invariant needs the int4 C kernels, which cannot run here: {exc}"
+                ) from exc
             log.warning("%s cannot run here: %s; next", candidate.kernels, exc)
             return None
     dtype = candidate.load_dtype

@@ -62,11 +62,15 @@ class Int8Kernels:
     # Every projection and the LM head in the C kernels of native_kernels.py
     # (4-bit blocks, the LM head 8-bit) in steps of up to this many rows; 0: never.
     native_max_rows: int = 0
+    # Every step in those C kernels, native_max_rows rows a call (--batch-invariant):
+    # they quantize each row's activations by itself, so a row's bits do not depend
+    # on its neighbours, on how its prompt was split, or on the x86 CPU.
+    native_only: bool = False
 
     @property
     def smooths_down(self) -> bool:
         """down_proj's many rows go through fbgemm smoothed, which needs a calibration."""
-        return self.down_wide_dtype is None
+        return self.down_wide_dtype is None and not self.native_only
 
 
 class Int8Linear:

@@ -347,6 +347,7 @@ class LlamaRunner:
         self.native_head: BlockLinear | None = None
         self.native_attention: RopeCacheAttention | None = None
         self.native_max_rows = 0
+        self.native_only = False
         if int8 is not None:
             if int8.smooths_down and calibration is None:
                 raise ValueError(f"{int8.name} needs a calibration (workers/calibration.py)")
@@ -443,19 +444,24 @@ class LlamaRunner:
 
         head_float = self.lm_head
         with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-            head = pool.submit(Int8Linear, self.lm_head, wmax, rows)
-            self.layers = list(pool.map(layer, self.layers))
-            self.lm_head = head.result()
-            input_max: list[torch.Tensor | None] = [None] * self.num_layers
-            if int8.smooths_down:
-                assert calibration is not None
-                input_max = list(calibration.input_maxima(self.down_input_maxima))
-            downs = pool.map(
-                lambda weights, m: DownProjLinear(weights[6], int8, m), self.layers, input_max
-            )
-            self.layers = [
-                weights[:6] + (down,) for weights, down in zip(self.layers, downs, strict=True)
-            ]
+            if int8.native_only:
+                # No step runs torch's kernels: keep only the q/k/v bias of each layer.
+                self.layers = [(None, None, b, None, None, None, None) for _, _, b, *_ in floats]
+                self.lm_head = None
+            else:
+                head = pool.submit(Int8Linear, self.lm_head, wmax, rows)
+                self.layers = list(pool.map(layer, self.layers))
+                self.lm_head = head.result()
+                input_max: list[torch.Tensor | None] = [None] * self.num_layers
+                if int8.smooths_down:
+                    assert calibration is not None
+                    input_max = list(calibration.input_maxima(self.down_input_maxima))
+                downs = pool.map(
+                    lambda weights, m: DownProjLinear(weights[6], int8, m), self.layers, input_max
+                )
+                self.layers = [
+                    weights[:6] + (down,) for weights, down in zip(self.layers, downs, strict=True)
+                ]
             if library is not None:
                 # The LM head keeps 8 bits: it is tied to the embedding, which GGUF
                 # files ship in Q8_0 where they ship the projections in Q4_1.
@@ -464,6 +470,7 @@ class LlamaRunner:
                 )
                 self.native_layers = list(pool.map(native_layer, floats))
                 self.native_max_rows = int8.native_max_rows
+                self.native_only = int8.native_only
                 assert self.freqs is not None
                 # Its rotary is the complex form's, on the same pair-adjacent rows.
                 self.native_attention = RopeCacheAttention(
@@ -573,8 +580,12 @@ class LlamaRunner:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head of hidden rows, as float32 logits."""
-        if self.native_head is not None and x.shape[0] <= self.native_max_rows:
-            return self.native_head(x)
+        if self.native_head is not None and (
+            self.native_only or x.shape[0] <= self.native_max_rows
+        ):
+            rows = self.native_max_rows
+            head = self.native_head
+            return torch.cat([head(x[i : i + rows]) for i in range(0, x.shape[0], rows)])
         return self.project(self._rms(x, self.final_norm), self.lm_head).float()
 
     @torch.inference_mode()
@@ -616,7 +627,7 @@ class LlamaRunner:
         ids_t = torch.tensor(token_ids, device=dev)
         pos_t = torch.tensor(positions, device=dev)
         slot_t = torch.tensor(slot_of_token, device=dev)
-        if self.native_attention is not None and T <= self.native_max_rows:
+        if self.native_attention is not None and (self.native_only or T <= self.native_max_rows):
             return self._native_hidden(ids_t, slot_t, pos_t), offsets
         if self.freqs is not None:
             cos, sin = self.freqs[pos_t].unsqueeze(1), None
@@ -691,9 +702,23 @@ class LlamaRunner:
         self, ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
         """A step of a few rows in the C kernels alone, five calls a layer: q/k/v (norm
-        folded in); rotary, cache write and attention; o; gate/up; down."""
+        folded in); rotary, cache write and attention; o; gate/up; down.
+
+        More rows (native_only) go through in order, a few at a time: a chunk's keys
+        are cached before the next chunk's rows attend to them.
+        """
         attention = self.native_attention
         assert attention is not None
+        rows = self.native_max_rows
+        if ids.shape[0] > rows:
+            return torch.cat(
+                [
+                    self._native_hidden(
+                        ids[i : i + rows], slots[i : i + rows], positions[i : i + rows]
+                    )
+                    for i in range(0, ids.shape[0], rows)
+                ]
+            )
         x = F.embedding(ids, self.embed)
         for blocks, layer, k_cache, v_cache in zip(
             self.native_layers, self.layers, self.k_cache, self.v_cache, strict=True
